@@ -1,0 +1,126 @@
+"""Metrics, plots and robustness scores of a trained model."""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import CLASS_NAMES
+from .data import NUM_CLASSES, save_figure
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
+    """Accuracy, macro precision/recall/F1, per-class figures and the confusion matrix (rows = true)."""
+    cm = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    tp = np.diag(cm).astype(np.float64)
+    support = cm.sum(1)
+    predicted = cm.sum(0)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0)
+    present = support > 0
+    return {
+        "n": int(len(y_true)),
+        "accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0,
+        "macro_precision": float(precision[present].mean()) if present.any() else 0.0,
+        "macro_recall": float(recall[present].mean()) if present.any() else 0.0,
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "per_class": {name: {"precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]),
+                             "support": int(support[c])} for c, name in enumerate(CLASS_NAMES)},
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def predict_probs(model, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    """Keras probabilities in inference mode, in batches."""
+    if len(images) == 0:
+        return np.zeros((0, NUM_CLASSES), np.float32)
+    return np.asarray(model.predict(images.astype(np.float32), batch_size=batch_size, verbose=0))
+
+
+def train_vs_inference_mode(model, images: np.ndarray, labels: np.ndarray, batch_size: int = 64) -> dict:
+    """Accuracy on the same images in training mode (batch statistics) and in inference mode (moving statistics).
+
+    A large gap means BatchNormalization's moving statistics do not describe the data the model sees: the
+    model looks fine while it trains and fails when it predicts.
+    """
+    import tensorflow as tf
+    x = images.astype(np.float32)
+    train_pred, infer_pred = [], []
+    for start in range(0, len(x), batch_size):
+        batch = tf.constant(x[start:start + batch_size])
+        train_pred.append(np.asarray(model(batch, training=True)).argmax(1))
+        infer_pred.append(np.asarray(model(batch, training=False)).argmax(1))
+    train_acc = float((np.concatenate(train_pred) == labels).mean())
+    infer_acc = float((np.concatenate(infer_pred) == labels).mean())
+    return {"training_mode_accuracy": train_acc, "inference_mode_accuracy": infer_acc,
+            "gap": train_acc - infer_acc, "images": int(len(x))}
+
+
+def robustness(predict, images: np.ndarray, labels: np.ndarray, seed: int, max_images: int = 500) -> dict:
+    """Accuracy on a corrupted copy (1-3 random corruptions per image) and per family and severity."""
+    from . import corrupt
+    mixed, _ = corrupt.corrupt_mix(images, seed=seed)
+    result = {"corrupted": classification_metrics(labels, predict(mixed).argmax(1)), "per_family": {}}
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(images), min(max_images, len(images)), replace=False))
+    x, y = images[pick], labels[pick]
+    clean_acc = float((predict(x).argmax(1) == y).mean()) if len(x) else 0.0
+    for family in corrupt.FAMILIES:
+        scores = [clean_acc]
+        for severity in corrupt.SEVERITIES:
+            altered = corrupt.apply_family(x, family, severity, seed=seed + severity)
+            scores.append(float((predict(altered).argmax(1) == y).mean()) if len(x) else 0.0)
+        result["per_family"][family] = scores  # index = severity, 0 = clean
+    result["per_family_images"] = int(len(x))
+    return result
+
+
+def plot_curves(history: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key in zip(axes, ("accuracy", "loss")):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            values = history.get(prefix + key, [])
+            if values:
+                ax.plot(range(1, len(values) + 1), values, style, label=("val " if prefix else "train ") + key)
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    save_figure(fig, path)
+
+
+def plot_confusion(cm: list, path: str, title: str = "Confusion matrix") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cm = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
+                color="white" if v > cm.max() / 2 else "black")
+    short = [n[:12] for n in CLASS_NAMES]
+    ax.set_xticks(range(NUM_CLASSES), short, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(NUM_CLASSES), short, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    save_figure(fig, path)
+
+
+def plot_robustness(per_family: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for family, scores in per_family.items():
+        ax.plot(range(len(scores)), scores, marker="o", label=family)
+    ax.set_xlabel("severity (0 = clean)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Accuracy against corruption severity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)

@@ -1,0 +1,57 @@
+"""Atomic file writes: a crash never leaves a half-written file where a good one was."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+
+def _tmp_path(path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, obj) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, default=_plain) + "\n").encode())
+
+
+def copy(src: str, dst: str) -> None:
+    tmp = _tmp_path(dst)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_npz(path: str, **arrays) -> None:
+    tmp = _tmp_path(path) + ".npz"
+    try:
+        import numpy as np
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _plain(obj):
+    """JSON fallback for numpy scalars and arrays."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

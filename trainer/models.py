@@ -1,0 +1,216 @@
+"""Model registry: build any registered classifier by name; input is raw 0-255 RGB pixels."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import keras
+import numpy as np
+from keras import layers
+
+from .config import Config
+from .data import NUM_CLASSES
+
+
+@keras.saving.register_keras_serializable(package="trainer")
+class Preprocess(layers.Layer):
+    """The backbone's own input scaling as a plain layer, so it saves, loads and exports like any other."""
+
+    MODES = {
+        "caffe": dict(bgr=True, mean=(103.939, 116.779, 123.68), std=(1.0, 1.0, 1.0)),
+        "torch": dict(bgr=False, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375)),
+        "tf": dict(bgr=False, mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5)),
+        "unit": dict(bgr=False, mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0)),
+        "raw": dict(bgr=False, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),
+    }
+
+    def __init__(self, mode: str = "raw", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in self.MODES:
+            raise ValueError(f"unknown preprocessing mode {mode!r}")
+        self.mode = mode
+
+    def call(self, x):
+        spec = self.MODES[self.mode]
+        if spec["bgr"]:
+            x = x[..., ::-1]
+        if spec["mean"] != (0.0, 0.0, 0.0):
+            x = x - keras.ops.convert_to_tensor(spec["mean"], dtype=x.dtype)
+        if spec["std"] != (1.0, 1.0, 1.0):
+            x = x / keras.ops.convert_to_tensor(spec["std"], dtype=x.dtype)
+        return x
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+@dataclass(frozen=True)
+class Backbone:
+    build: Callable[..., keras.Model]
+    preprocess: str          # Preprocess mode the backbone expects on 0-255 input
+    min_size: int = 32       # smallest input side the architecture accepts
+
+
+def _apps(name: str) -> Callable[..., keras.Model]:
+    def build(**kwargs):
+        return getattr(keras.applications, name)(**kwargs)
+    return build
+
+
+BACKBONES: dict[str, Backbone] = {
+    "vgg16": Backbone(_apps("VGG16"), "caffe"),
+    "resnet50": Backbone(_apps("ResNet50"), "caffe"),
+    "densenet121": Backbone(_apps("DenseNet121"), "torch"),
+    "inception_v3": Backbone(_apps("InceptionV3"), "tf", min_size=75),
+    "efficientnet_v2_b0": Backbone(_apps("EfficientNetV2B0"), "raw"),
+    "efficientnet_v2_b3": Backbone(_apps("EfficientNetV2B3"), "raw"),
+    "convnext_tiny": Backbone(_apps("ConvNeXtTiny"), "raw"),
+    "convnext_small": Backbone(_apps("ConvNeXtSmall"), "raw"),
+    "convnext_base": Backbone(_apps("ConvNeXtBase"), "raw"),
+    "convnext_large": Backbone(_apps("ConvNeXtLarge"), "raw"),
+    "convnext_xlarge": Backbone(_apps("ConvNeXtXLarge"), "raw"),
+}
+
+MODEL_NAMES = ("vanilla_cnn", *BACKBONES)
+
+
+def depthwise_rebuild(model: keras.Model) -> keras.Model:
+    """Clone a model with every grouped Conv2D that is really depthwise rebuilt as DepthwiseConv2D.
+
+    keras.applications' ConvNeXt runs its 7x7 depthwise convolutions as Conv2D(groups=C): about 11x slower on a
+    CPU, and tf2onnx turns them into nodes ONNX Runtime refuses. Kernels (k,k,1,C) become (k,k,C,1).
+    """
+    def is_depthwise(layer) -> bool:
+        return (isinstance(layer, layers.Conv2D) and not isinstance(layer, layers.DepthwiseConv2D)
+                and layer.groups > 1 and layer.groups == layer.filters)
+
+    def clone(layer):
+        if not is_depthwise(layer):
+            return layer.__class__.from_config(layer.get_config())
+        cfg = layer.get_config()
+        return layers.DepthwiseConv2D(
+            kernel_size=cfg["kernel_size"], strides=cfg["strides"], padding=cfg["padding"],
+            dilation_rate=cfg["dilation_rate"], use_bias=cfg["use_bias"], name=cfg["name"],
+            data_format=cfg["data_format"], dtype=cfg.get("dtype"))
+
+    rebuilt = keras.models.clone_model(model, clone_function=clone)
+    for old, new in zip(model.layers, rebuilt.layers):
+        weights = old.get_weights()
+        if is_depthwise(old):
+            kernel = weights[0]
+            weights[0] = kernel.reshape(kernel.shape[0], kernel.shape[1], kernel.shape[3], 1)
+        new.set_weights(weights)
+    return rebuilt
+
+
+def build_backbone(cfg: Config, input_shape: tuple[int, int, int]) -> keras.Model:
+    spec = BACKBONES[cfg.model]
+    weights = cfg.weights
+    local_file = weights not in ("imagenet", "none", "", None)
+    if local_file and not os.path.exists(weights):
+        raise FileNotFoundError(f"weights file not found: {weights}; use --weights imagenet, none, "
+                                f"or the path of a Keras weights file for {cfg.model} without its top")
+    kwargs = dict(include_top=False, input_shape=input_shape,
+                  weights="imagenet" if weights == "imagenet" else None)
+    if cfg.model.startswith(("convnext", "efficientnet_v2")):
+        kwargs["include_preprocessing"] = True
+    try:
+        backbone = spec.build(**kwargs)
+    except Exception as err:  # the download of ImageNet weights fails without internet
+        if weights == "imagenet":
+            raise RuntimeError(f"could not get ImageNet weights for {cfg.model} ({err}); without internet, "
+                               f"download the file elsewhere and pass --weights path/to/file.h5, "
+                               f"or train from scratch with --weights none") from None
+        raise
+    if local_file:
+        backbone.load_weights(weights)
+    if any(isinstance(l, layers.Conv2D) and l.groups > 1 for l in backbone.layers):
+        backbone = depthwise_rebuild(backbone)
+    return backbone
+
+
+def vanilla_cnn(x, cfg: Config):
+    """A small VGG-style CNN that trains from scratch on a CPU: stride-2 stem, four conv blocks."""
+    reg = keras.regularizers.l2(cfg.l2) if cfg.l2 > 0 else None
+
+    def conv_bn(x, filters, strides=1):
+        x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, kernel_regularizer=reg)(x)
+        # momentum 0.9: the moving statistics catch up within an epoch, so inference mode matches training mode
+        x = layers.BatchNormalization(momentum=0.9)(x)
+        return layers.Activation("relu")(x)
+
+    x = Preprocess("unit", name="preprocess")(x)
+    x = conv_bn(x, cfg.width, strides=2)
+    for i, mult in enumerate((1, 2, 4, 8)):
+        x = conv_bn(x, cfg.width * mult)
+        x = conv_bn(x, cfg.width * mult)
+        if i < 3:
+            x = layers.MaxPooling2D()(x)
+    return x
+
+
+def build_model(cfg: Config) -> keras.Model:
+    """The classifier named by cfg.model: backbone, then pooling, Dense, dropout, Dense(8, softmax)."""
+    if cfg.model not in MODEL_NAMES:
+        raise ValueError(f"unknown model {cfg.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+    keras.utils.set_random_seed(cfg.seed)
+    inputs = keras.Input((96, 96, 3), name="pixels")  # raw 0-255 RGB
+    x = inputs
+    size = cfg.input_size
+    if cfg.model == "vanilla_cnn":
+        if size != 96:
+            x = layers.Resizing(size, size, name="upscale")(x)
+        x = vanilla_cnn(x, cfg)
+    else:
+        spec = BACKBONES[cfg.model]
+        if size < spec.min_size:
+            raise ValueError(f"{cfg.model} needs input_size >= {spec.min_size}, got {size}")
+        if size != 96:
+            x = layers.Resizing(size, size, interpolation="bilinear", name="upscale")(x)
+        if spec.preprocess != "raw":
+            x = Preprocess(spec.preprocess, name="preprocess")(x)
+        backbone = build_backbone(cfg, (size, size, 3))
+        pretrained = cfg.weights != "none"
+        backbone.trainable = not (pretrained and cfg.freeze_backbone)
+        # A pretrained backbone keeps BatchNorm in inference mode, also while fine-tuning.
+        x = backbone(x, training=False) if pretrained else backbone(x)
+    reg = keras.regularizers.l2(cfg.l2) if cfg.l2 > 0 else None
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    x = layers.Dense(cfg.dense_units, activation="relu", kernel_regularizer=reg, name="head_dense")(x)
+    x = layers.Dropout(cfg.dropout, name="head_dropout")(x)
+    outputs = layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name="probs")(x)
+    return keras.Model(inputs, outputs, name=cfg.model)
+
+
+def backbone_of(model: keras.Model) -> keras.Model | None:
+    """The nested backbone of a registry model, or None for vanilla_cnn."""
+    nested = [l for l in model.layers if isinstance(l, keras.Model)]
+    return nested[0] if nested else None
+
+
+def unfreeze(model: keras.Model, last_n: int = 0) -> None:
+    """Make the backbone trainable: all of it (last_n=0) or its last N layers; BatchNorm stays frozen."""
+    backbone = backbone_of(model)
+    if backbone is None:
+        return
+    backbone.trainable = True
+    chosen = backbone.layers if last_n <= 0 else backbone.layers[-last_n:]
+    for layer in backbone.layers:
+        layer.trainable = layer in chosen and not isinstance(layer, layers.BatchNormalization)
+
+
+def ensemble(models: list[keras.Model]) -> keras.Model:
+    """One model whose output is the mean of the members' probabilities (e.g. the K fold models)."""
+    if len(models) == 1:
+        return models[0]
+    inputs = keras.Input((96, 96, 3), name="pixels")
+    outs = []
+    for i, m in enumerate(models):
+        m.name = f"fold{i}_{m.name}"
+        outs.append(m(inputs))
+    return keras.Model(inputs, layers.Average(name="probs")(outs), name="ensemble")
+
+
+def count_params(model: keras.Model) -> int:
+    return int(sum(np.prod(w.shape) for w in model.weights))

@@ -1,0 +1,281 @@
+"""Training driver: clean, split, augment, train (resumable), evaluate and export one run."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from . import data, files
+from .config import CLASS_NAMES, Config
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---- hardware, optimizers, callbacks ----------------------------------------------------------------
+
+def hardware_strategy(cfg: Config):
+    """One device, or MirroredStrategy over several GPUs; mixed precision only where a GPU makes it pay."""
+    import keras
+    import tensorflow as tf
+    gpus = tf.config.list_physical_devices("GPU")
+    keras.mixed_precision.set_global_policy("mixed_float16" if cfg.mixed_precision and gpus else "float32")
+    strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+    return strategy, len(gpus)
+
+
+def make_optimizer(name: str, learning_rate: float, weight_decay: float):
+    import keras
+    opt = keras.optimizers
+    wd = weight_decay or None
+    table = {
+        "nadam": lambda: opt.Nadam(learning_rate, weight_decay=wd),
+        "adamw": lambda: opt.AdamW(learning_rate, weight_decay=weight_decay),
+        "adam": lambda: opt.Adam(learning_rate),
+        "sgd": lambda: opt.SGD(learning_rate, momentum=0.9, nesterov=True, weight_decay=wd),
+        "rmsprop": lambda: opt.RMSprop(learning_rate),
+        "lion": lambda: opt.Lion(learning_rate, weight_decay=wd),
+    }
+    if name not in table:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(table)}")
+    return table[name]()
+
+
+def _callbacks(cfg: Config, phase_dir: str, deadline: float):
+    import keras
+
+    class BestWeights(keras.callbacks.Callback):
+        """Keeps the best val-accuracy weights on disk, and remembers the best across a resume."""
+
+        def __init__(self):
+            super().__init__()
+            self.weights_path = os.path.join(phase_dir, "best.weights.h5")
+            self.state_path = os.path.join(phase_dir, "best.json")
+            self.best = -1.0
+            if os.path.exists(self.state_path) and os.path.exists(self.weights_path):
+                self.best = json.load(open(self.state_path))["val_accuracy"]
+
+        def on_epoch_end(self, epoch, logs=None):
+            score = (logs or {}).get("val_accuracy", -1.0)
+            if score > self.best:
+                self.best = score
+                tmp = self.weights_path + ".tmp.weights.h5"
+                self.model.save_weights(tmp)
+                os.replace(tmp, self.weights_path)
+                files.write_json(self.state_path, {"val_accuracy": score, "epoch": epoch + 1})
+
+    class TimeBudget(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if deadline and time.time() > deadline:
+                log(f"time budget reached after epoch {epoch + 1}: stopping with the best weights so far")
+                self.model.stop_training = True
+
+    return [
+        keras.callbacks.BackupAndRestore(os.path.join(phase_dir, "backup")),
+        keras.callbacks.CSVLogger(os.path.join(phase_dir, "history.csv"), append=True),
+        keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=cfg.patience, restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=cfg.lr_factor, patience=cfg.lr_patience,
+                                          min_lr=1e-7, verbose=1),
+        BestWeights(),
+        TimeBudget(),
+    ]
+
+
+def read_history(path: str) -> dict:
+    """History of a phase from its CSV log (survives a resume), one list per metric."""
+    if not os.path.exists(path):
+        return {}
+    import csv
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh))
+    return {k: [float(r[k]) for r in rows if r.get(k) not in (None, "")] for k in (rows[0] if rows else {})
+            if k != "epoch"}
+
+
+# ---- one model ---------------------------------------------------------------------------------------
+
+def fit(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
+        val_idx: np.ndarray, deadline: float):
+    """Train one model on train_idx with early stopping on val_idx; resumes phases already on disk."""
+    import keras
+    from .augment import eval_dataset, train_dataset
+    from .models import build_model, unfreeze
+
+    strategy, n_gpus = hardware_strategy(cfg)
+    jit = bool(cfg.xla and n_gpus)
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
+    with strategy.scope():
+        model = build_model(cfg)
+
+    fit_idx = data.oversample(train_idx, labels, cfg.seed) if cfg.balance == "oversample" else train_idx
+    weights = data.class_weights(labels[train_idx]) if cfg.balance == "class_weights" else None
+    train_ds = train_dataset(images[fit_idx], labels[fit_idx], cfg)
+    val_ds = eval_dataset(images[val_idx], labels[val_idx], cfg.batch_size)
+    steps = cfg.steps_per_epoch or math.ceil(len(fit_idx) / cfg.batch_size)
+    verbose = cfg.verbose if cfg.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
+
+    phases = [("train", cfg.epochs, cfg.learning_rate)]
+    if cfg.fine_tune_epochs > 0 and cfg.model != "vanilla_cnn":
+        phases.append(("finetune", cfg.fine_tune_epochs, cfg.fine_tune_lr))
+    history: dict[str, list] = {}
+    for phase, epochs, lr in phases:
+        phase_dir = os.path.join(out_dir, f"phase_{phase}")
+        os.makedirs(phase_dir, exist_ok=True)
+        done = os.path.join(phase_dir, "done.json")
+        if phase == "finetune":
+            unfreeze(model, cfg.fine_tune_layers)
+        with strategy.scope():
+            model.compile(optimizer=make_optimizer(cfg.optimizer, lr, cfg.weight_decay), loss=loss,
+                          metrics=["accuracy"], jit_compile=jit)
+        if os.path.exists(done):
+            log(f"phase {phase}: already done, loading its best weights")
+        else:
+            log(f"phase {phase}: {epochs} epochs of {steps} steps, lr {lr:g}, {len(fit_idx)} training images")
+            model.fit(train_ds, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds,
+                      callbacks=_callbacks(cfg, phase_dir, deadline), class_weight=weights, verbose=verbose)
+        best = os.path.join(phase_dir, "best.weights.h5")
+        if os.path.exists(best):
+            model.load_weights(best)
+        if not os.path.exists(done):
+            state = json.load(open(os.path.join(phase_dir, "best.json"))) if os.path.exists(best) else {}
+            files.write_json(done, state)
+        for k, v in read_history(os.path.join(phase_dir, "history.csv")).items():
+            history.setdefault(k, []).extend(v)
+    return model, history
+
+
+# ---- the whole run -----------------------------------------------------------------------------------
+
+def run_dir_for(cfg: Config) -> str:
+    name = cfg.name or f"{cfg.profile}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg.name = name
+    return os.path.join(cfg.runs_dir, name)
+
+
+def prepare_data(cfg: Config, out_dir: str):
+    """Load, clean (with report and contact sheet) and optionally subsample; returns images, labels."""
+    images, labels = data.load_npz(cfg.data, resize=cfg.resize)
+    keep, report = data.clean(images, labels, cfg.max_copies, cfg.rare_colour_threshold)
+    log(report.summary())
+    files.write_json(os.path.join(out_dir, "cleaning.json"), report.to_dict())
+    data.removed_sheet(images, labels, report, os.path.join(out_dir, "removed.png"))
+    images, labels = images[keep], labels[keep]
+    if cfg.limit:
+        subset = data.stratified_subset(labels, cfg.limit, cfg.seed)
+        images, labels = images[subset], labels[subset]
+        log(f"limit: using {len(images)} of the cleaned images")
+    return images, labels
+
+
+def evaluate_split(model, images, labels, name: str, out_dir: str) -> dict:
+    from .evaluate import classification_metrics, plot_confusion, predict_probs
+    metrics = classification_metrics(labels, predict_probs(model, images).argmax(1))
+    plot_confusion(metrics["confusion_matrix"], os.path.join(out_dir, f"confusion_{name}.png"),
+                   f"Confusion matrix ({name}, accuracy {metrics['accuracy']:.4f})")
+    log(f"{name}: accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f} on {metrics['n']} images")
+    return metrics
+
+
+def settings_for(cfg: Config) -> dict:
+    """The JSON that submission/model.py reads next to itself."""
+    return {"model_file": "model.onnx", "input_name": "pixels", "time_limit_s": cfg.time_limit_s,
+            "safety_margin": cfg.safety_margin, "expected_test_size": cfg.expected_test_size,
+            "max_views": cfg.max_views, "class_names": list(CLASS_NAMES), "run": cfg.name}
+
+
+def train(cfg: Config) -> dict:
+    """Run everything for one config; return the metrics. Re-running the same name resumes."""
+    import keras
+    from . import evaluate as ev
+    from .augment import augmented_samples, save_grid
+    from .models import ensemble
+
+    started = time.time()
+    out_dir = run_dir_for(cfg)
+    os.makedirs(out_dir, exist_ok=True)
+    files.write_json(os.path.join(out_dir, "config.json"), cfg.to_dict())
+    log(f"run {cfg.name}: {out_dir}  (profile {cfg.profile}, model {cfg.model})")
+    keras.utils.set_random_seed(cfg.seed)
+
+    images, labels = prepare_data(cfg, out_dir)
+    train_idx, val_idx, test_idx = data.train_val_test(labels, cfg.val_fraction, cfg.test_fraction, cfg.seed,
+                                                       cfg.no_test_split)
+    files.save_npz(os.path.join(out_dir, "split.npz"), train=train_idx, val=val_idx, test=test_idx)
+    holdout = test_idx if len(test_idx) else val_idx  # what the benchmark scores
+    files.save_npz(os.path.join(out_dir, "holdout.npz"), images=images[holdout], labels=labels[holdout])
+    log(f"split: train {len(train_idx)}, val {len(val_idx)}, test {len(test_idx)}"
+        + (" (no test split: test joined train)" if cfg.no_test_split else ""))
+    save_grid(images[train_idx[:16]], augmented_samples(images[train_idx[:16]], cfg, 16),
+              os.path.join(out_dir, "augmented.png"))
+
+    deadline = started + cfg.time_budget_min * 60 if cfg.time_budget_min else 0.0
+    if cfg.folds >= 2:
+        pool = np.sort(np.concatenate([train_idx, val_idx]))
+        models, fold_scores, history = [], [], {}
+        for k, (tr, va) in enumerate(data.kfold(labels[pool], cfg.folds, cfg.seed)):
+            log(f"fold {k + 1}/{cfg.folds}")
+            m, h = fit(cfg, os.path.join(out_dir, f"fold{k}"), images, labels, pool[tr], pool[va], deadline)
+            fold_scores.append(float((ev.predict_probs(m, images[pool[va]]).argmax(1) == labels[pool[va]]).mean()))
+            models.append(m)
+            history = history or h
+        model = ensemble(models)
+        cv = {"fold_val_accuracy": fold_scores, "mean": float(np.mean(fold_scores)),
+              "std": float(np.std(fold_scores))}
+        log(f"cross-validation: {cv['mean']:.4f} +- {cv['std']:.4f} over {cfg.folds} folds")
+    else:
+        model, history = fit(cfg, out_dir, images, labels, train_idx, val_idx, deadline)
+        cv = None
+    train_seconds = time.time() - started
+
+    files.write_json(os.path.join(out_dir, "history.json"), history)
+    ev.plot_curves(history, os.path.join(out_dir, "curves.png"))
+    tmp = os.path.join(out_dir, ".model.tmp.keras")
+    model.save(tmp)
+    os.replace(tmp, os.path.join(out_dir, "model.keras"))
+
+    metrics = {"run": cfg.name, "profile": cfg.profile, "model": cfg.model, "train_seconds": round(train_seconds, 1),
+               "epochs": len(history.get("accuracy", [])), "train_images": int(len(train_idx)),
+               "val": evaluate_split(model, images[val_idx], labels[val_idx], "val", out_dir)}
+    if len(test_idx):
+        metrics["test"] = evaluate_split(model, images[test_idx], labels[test_idx], "test", out_dir)
+    if cv:
+        metrics["cross_validation"] = cv
+    sample = train_idx[:512]
+    metrics["batchnorm_check"] = ev.train_vs_inference_mode(model, images[sample], labels[sample])
+    gap = metrics["batchnorm_check"]["gap"]
+    log(f"train images: training-mode accuracy {metrics['batchnorm_check']['training_mode_accuracy']:.4f}, "
+        f"inference-mode {metrics['batchnorm_check']['inference_mode_accuracy']:.4f}"
+        + ("  WARNING: large gap, BatchNorm statistics are off" if abs(gap) > 0.05 else ""))
+    if cfg.robustness_images:
+        probs = lambda x: ev.predict_probs(model, x)  # noqa: E731
+        scored = holdout if len(holdout) else val_idx
+        rob = ev.robustness(probs, images[scored], labels[scored], cfg.seed, cfg.robustness_images)
+        metrics["robustness"] = rob
+        ev.plot_robustness(rob["per_family"], os.path.join(out_dir, "robustness.png"))
+        log(f"corrupted {'test' if len(test_idx) else 'val'}: accuracy {rob['corrupted']['accuracy']:.4f}")
+    files.write_json(os.path.join(out_dir, "metrics.json"), metrics)
+
+    if cfg.export:
+        metrics["export"] = export_run(cfg, model, images[holdout[:64]], out_dir)
+        files.write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    log(f"done in {time.time() - started:.0f} s: {out_dir}")
+    return metrics
+
+
+def export_run(cfg: Config, model, check_images: np.ndarray, out_dir: str) -> dict:
+    """ONNX and settings into the run folder, then copied into the submission folder."""
+    from .export import export_onnx
+    onnx_path = os.path.join(out_dir, "model.onnx")
+    info = export_onnx(model, onnx_path, check_images, cfg.opset, cfg.fuse_onnx)
+    files.write_json(os.path.join(out_dir, "settings.json"), settings_for(cfg))
+    log(f"exported {onnx_path} ({info['bytes'] / 1e6:.1f} MB, parity max diff {info['parity']['max_abs_diff']:.1e})")
+    if cfg.submission_dir:
+        files.copy(onnx_path, os.path.join(cfg.submission_dir, "model.onnx"))
+        files.copy(os.path.join(out_dir, "settings.json"), os.path.join(cfg.submission_dir, "settings.json"))
+        log(f"submission ready in {cfg.submission_dir}/ (model.onnx, settings.json)")
+    return info
