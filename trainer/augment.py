@@ -117,8 +117,10 @@ def mix(images: tf.Tensor, labels: tf.Tensor, cfg: Config) -> tuple[tf.Tensor, t
         return images * (1 - box) + other_images * box, labels * (1 - area)[:, None] + other_labels * area[:, None]
 
     if cfg.mixup_alpha > 0 and cfg.cutmix_alpha > 0:
-        return tf.cond(tf.random.uniform([]) < 0.5, mixup, cutmix)
-    return mixup() if cfg.mixup_alpha > 0 else cutmix()
+        mixed, soft = tf.cond(tf.random.uniform([]) < 0.5, mixup, cutmix)
+    else:
+        mixed, soft = mixup() if cfg.mixup_alpha > 0 else cutmix()
+    return tf.clip_by_value(mixed, 0.0, 255.0), soft  # blending can round a hair past 255
 
 
 def make_randaugment(cfg: Config):

@@ -112,20 +112,30 @@ def image_hashes(images: np.ndarray) -> np.ndarray:
     return np.array([hashlib.sha1(img.tobytes()).hexdigest() for img in images])
 
 
-def rare_colour_share(images: np.ndarray, reference: np.ndarray | None = None, floor: float = 1e-5) -> np.ndarray:
-    """Share of each image's pixels whose colour is rare among the reference images' pixels.
+def rare_colour_share(images: np.ndarray, floor: float = 1e-5, chunk: int = 1000) -> np.ndarray:
+    """Share of each image's pixels whose colour is rare among the pixels of all the other images.
 
     Smears are pale backgrounds with violet-stained cells; a cartoon, a photo or noise puts most of its pixels in
-    colours that make up under `floor` of all smear pixels. Colours are binned 16 levels per channel.
+    colours that make up under `floor` of all smear pixels. Colours are binned 16 levels per channel, and each
+    image is left out of the reference it is judged against, so one odd image cannot vouch for itself.
     """
-    def codes(x):
-        b = (x >> 4).reshape(len(x), -1, 3).astype(np.uint16)
-        return (b[..., 0] << 8) | (b[..., 1] << 4) | b[..., 2]
-    image_codes = codes(images)
-    ref_codes = image_codes if reference is None else codes(reference)
-    hist = np.bincount(ref_codes.ravel(), minlength=4096).astype(np.float64)
-    rare = hist / max(hist.sum(), 1.0) < floor
-    return np.count_nonzero(rare[image_codes], axis=1) / image_codes.shape[1]
+    bins = 4096
+    def own_counts(x):
+        b = (x >> 4).reshape(len(x), -1, 3).astype(np.int64)
+        codes = (b[..., 0] << 8) | (b[..., 1] << 4) | b[..., 2]
+        codes += np.arange(len(x))[:, None] * bins
+        return np.bincount(codes.ravel(), minlength=len(x) * bins).reshape(len(x), bins)
+    total = np.zeros(bins, np.int64)
+    for start in range(0, len(images), chunk):
+        total += own_counts(images[start:start + chunk]).sum(0)
+    n_pixels = images.shape[1] * images.shape[2]
+    others = max(total.sum() - n_pixels, 1)
+    shares = np.empty(len(images))
+    for start in range(0, len(images), chunk):
+        own = own_counts(images[start:start + chunk])
+        rare = (total[None, :] - own) / others < floor
+        shares[start:start + chunk] = (own * rare).sum(1) / n_pixels
+    return shares
 
 
 def clean(images: np.ndarray, labels: np.ndarray, max_copies: int = 3,

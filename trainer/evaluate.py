@@ -41,15 +41,31 @@ def train_vs_inference_mode(model, images: np.ndarray, labels: np.ndarray, batch
     """Accuracy on the same images in training mode (batch statistics) and in inference mode (moving statistics).
 
     A large gap means BatchNormalization's moving statistics do not describe the data the model sees: the
-    model looks fine while it trains and fails when it predicts.
+    model looks fine while it trains and fails when it predicts. Dropout is switched off for the comparison,
+    so the two differ in their BatchNorm statistics alone. No weights or statistics change.
     """
+    import keras
     import tensorflow as tf
     x = images.astype(np.float32)
+    dropouts = [l for l in model._flatten_layers() if isinstance(l, keras.layers.Dropout)]
+    rates = [d.rate for d in dropouts]
+    bns = [l for l in model._flatten_layers() if isinstance(l, keras.layers.BatchNormalization)]
+    moments = [bn.momentum for bn in bns]
     train_pred, infer_pred = [], []
-    for start in range(0, len(x), batch_size):
-        batch = tf.constant(x[start:start + batch_size])
-        train_pred.append(np.asarray(model(batch, training=True)).argmax(1))
-        infer_pred.append(np.asarray(model(batch, training=False)).argmax(1))
+    try:
+        for d in dropouts:
+            d.rate = 0.0
+        for bn in bns:
+            bn.momentum = 1.0  # training mode would otherwise update the moving statistics
+        for start in range(0, len(x), batch_size):
+            batch = tf.constant(x[start:start + batch_size])
+            train_pred.append(np.asarray(model(batch, training=True)).argmax(1))
+            infer_pred.append(np.asarray(model(batch, training=False)).argmax(1))
+    finally:
+        for d, r in zip(dropouts, rates):
+            d.rate = r
+        for bn, m in zip(bns, moments):
+            bn.momentum = m
     train_acc = float((np.concatenate(train_pred) == labels).mean())
     infer_acc = float((np.concatenate(infer_pred) == labels).mean())
     return {"training_mode_accuracy": train_acc, "inference_mode_accuracy": infer_acc,

@@ -107,13 +107,16 @@ def _match_layernorm(g: _Graph, recip):
         return None
     shift_name = g.other(out, x_scaled.output[0])
     shift = g.producer.get(shift_name)
-    extra = []
-    if shift is mean_scaled:  # beta folded away as zero: shift = Neg(mean) * scale
-        neg = g.node(g.other(mean_scaled, scale.output[0]), "Neg")
-        if not neg or neg.input[0] != mean_in.output[0]:
-            return None
+    neg = g.node(g.other(mean_scaled, scale.output[0]), "Neg")
+    neg_ok = neg is not None and neg.input[0] == mean_in.output[0]
+    if shift is mean_scaled and neg_ok:  # beta folded away as zero: shift = Neg(mean) * scale
         beta = np.zeros_like(gamma.reshape(-1))
         extra = [neg]
+    elif shift is not None and shift.op_type == "Add" and neg_ok and mean_scaled.output[0] in shift.input:
+        beta = g.const(g.other(shift, mean_scaled.output[0]))  # shift = Neg(mean) * scale + beta
+        if beta is None:
+            return None
+        extra = [neg, shift]
     elif shift is not None and shift.op_type == "Sub" and shift.input[1] == mean_scaled.output[0]:
         beta = g.const(shift.input[0])
         if beta is None or g.other(mean_scaled, scale.output[0]) != mean_in.output[0]:

@@ -97,6 +97,30 @@ def read_history(path: str) -> dict:
             if k != "epoch"}
 
 
+def precise_batchnorm(model, images: np.ndarray, batch_size: int = 64) -> int:
+    """Recompute BatchNorm moving statistics as the exact average over these images ("precise BN").
+
+    The moving averages lag behind weights that changed fast, so inference mode can score far below training
+    mode on the very same images. A running average over batches, taken once at the end, removes that lag.
+    Returns how many BatchNorm layers were recalibrated (layers frozen inside a pretrained backbone are not).
+    """
+    import keras
+    import tensorflow as tf
+    bns = [l for l in model._flatten_layers() if isinstance(l, keras.layers.BatchNormalization) and l.trainable]
+    if not bns or len(images) == 0:
+        return 0
+    saved = [bn.momentum for bn in bns]
+    try:
+        for i, start in enumerate(range(0, len(images), batch_size)):
+            for bn in bns:
+                bn.momentum = i / (i + 1)  # moving = mean of all batches seen so far
+            model(tf.constant(images[start:start + batch_size], tf.float32), training=True)
+    finally:
+        for bn, m in zip(bns, saved):
+            bn.momentum = m
+    return len(bns)
+
+
 # ---- one model ---------------------------------------------------------------------------------------
 
 def fit(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
@@ -146,6 +170,9 @@ def fit(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray, train
             files.write_json(done, state)
         for k, v in read_history(os.path.join(phase_dir, "history.csv")).items():
             history.setdefault(k, []).extend(v)
+    recalibrated = precise_batchnorm(model, images[train_idx[:4096]])
+    if recalibrated:
+        log(f"precise BatchNorm: recalibrated {recalibrated} layers on {min(len(train_idx), 4096)} training images")
     return model, history
 
 
@@ -250,7 +277,7 @@ def train(cfg: Config) -> dict:
     gap = metrics["batchnorm_check"]["gap"]
     log(f"train images: training-mode accuracy {metrics['batchnorm_check']['training_mode_accuracy']:.4f}, "
         f"inference-mode {metrics['batchnorm_check']['inference_mode_accuracy']:.4f}"
-        + ("  WARNING: large gap, BatchNorm statistics are off" if abs(gap) > 0.05 else ""))
+        + ("  WARNING: inference mode is worse: BatchNorm statistics are off" if gap > 0.05 else ""))
     if cfg.robustness_images:
         probs = lambda x: ev.predict_probs(model, x)  # noqa: E731
         scored = holdout if len(holdout) else val_idx

@@ -1,0 +1,92 @@
+"""Every augmentation stage keeps shape, dtype and range, and really changes images."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import augment
+from trainer.config import make_config
+
+OFF = dict(flip=False, rot90=False, rotation=0.0, zoom=0.0, shift=0.0, randaugment=False, contrast=0.0,
+           brightness=0.0, saturation=0.0, hue=0.0, noise_std=0.0, erase=0.0)
+
+
+def changed_share(before: np.ndarray, after: np.ndarray) -> float:
+    diff = np.abs(after.astype(np.float32) - before.astype(np.float32)).reshape(len(before), -1).max(1)
+    return float((diff > 1.0).mean())
+
+
+def check_range(out: np.ndarray, n: int) -> None:
+    assert out.shape == (n, 96, 96, 3)
+    assert out.dtype == np.float32
+    assert out.min() >= 0.0 and out.max() <= 255.0
+
+
+@pytest.fixture(scope="module")
+def batch(real_slice):
+    return real_slice[0][:48]
+
+
+@pytest.mark.parametrize("stage", [
+    dict(flip=True, rot90=True),
+    dict(rotation=0.5, zoom=0.1, shift=0.1),
+    dict(contrast=0.3),
+    dict(brightness=0.2),
+    dict(saturation=0.8),
+    dict(hue=0.1),
+    dict(noise_std=8.0),
+    dict(erase=1.0),
+])
+def test_each_stage_keeps_range_and_changes_images(batch, stage):
+    cfg = make_config("cpu", **{**OFF, **stage})
+    out = augment.augment_batch(tf.constant(batch, tf.float32), cfg).numpy()
+    check_range(out, len(batch))
+    assert changed_share(batch, out) > 0.4, f"{stage} changed too few images"
+
+
+def test_randaugment_really_changes_images_inside_tf_data(batch):
+    """keras-cv's RandAugment, mapped over a tf.data pipeline as the trainer runs it."""
+    cfg = make_config("cpu", **{**OFF, "randaugment": True, "randaugment_rate": 1.0})
+    layer = augment.make_randaugment(cfg)
+    ds = tf.data.Dataset.from_tensor_slices(batch).batch(16).map(
+        lambda x: augment.augment_batch(tf.cast(x, tf.float32), cfg, layer))
+    out = np.concatenate([b.numpy() for b in ds])
+    check_range(out, len(batch))
+    assert changed_share(batch, out) > 0.7
+
+
+def test_stages_off_change_nothing(batch):
+    cfg = make_config("cpu", **OFF)
+    out = augment.augment_batch(tf.constant(batch, tf.float32), cfg).numpy()
+    np.testing.assert_array_equal(out, batch.astype(np.float32))
+
+
+@pytest.mark.parametrize("mix", [dict(mixup_alpha=0.4), dict(cutmix_alpha=1.0)])
+def test_mixup_and_cutmix_blend_images_and_labels(batch, real_slice, mix):
+    cfg = make_config("cpu", **OFF, **mix)
+    labels = tf.constant(np.eye(8, dtype=np.float32)[real_slice[1][:len(batch)]])
+    tf.random.set_seed(0)
+    x, y = augment.mix(tf.constant(batch, tf.float32), labels, cfg)
+    check_range(x.numpy(), len(batch))
+    np.testing.assert_allclose(y.numpy().sum(1), 1.0, atol=1e-5)
+    assert (y.numpy().max(1) < 0.999).mean() > 0.3  # most labels are now soft
+    assert changed_share(batch, x.numpy()) > 0.3
+
+
+def test_train_dataset_batches(real_slice):
+    cfg = make_config("smoke", batch_size=16, randaugment=True)
+    ds = augment.train_dataset(real_slice[0][:64], real_slice[1][:64], cfg)
+    x, y = next(iter(ds))
+    assert x.shape == (16, 96, 96, 3) and x.dtype == tf.float32
+    assert y.shape == (16, 8)
+    assert float(tf.reduce_min(x)) >= 0 and float(tf.reduce_max(x)) <= 255
+
+
+def test_augmentation_grid_png(tmp_path, batch):
+    cfg = make_config("cpu")
+    samples = augment.augmented_samples(batch, cfg, 8)
+    assert samples.dtype == np.uint8 and samples.shape == (8, 96, 96, 3)
+    path = tmp_path / "grid.png"
+    augment.save_grid(batch[:8], samples, str(path))
+    assert path.read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,83 @@
+"""The model registry: every model builds, ConvNeXt is rebuilt depthwise, weights load from a local file."""
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from trainer.config import make_config
+from trainer.models import (BACKBONES, MODEL_NAMES, Preprocess, build_model, depthwise_rebuild, unfreeze,
+                            backbone_of)
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_registered_model_builds_at_96(name):
+    cfg = make_config("cpu", model=name, weights="none")
+    model = build_model(cfg)
+    x = np.random.default_rng(0).integers(0, 256, (2, 96, 96, 3)).astype(np.float32)
+    probs = np.asarray(model(x, training=False))
+    assert probs.shape == (2, 8)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
+    assert not any(isinstance(l, keras.layers.Conv2D) and not isinstance(l, keras.layers.DepthwiseConv2D)
+                   and l.groups > 1 for l in model._flatten_layers())
+
+
+def test_upscaling_input():
+    model = build_model(make_config("cpu", model="efficientnet_v2_b0", weights="none", input_size=128))
+    assert model.input_shape == (None, 96, 96, 3)
+    assert backbone_of(model).input_shape == (None, 128, 128, 3)
+
+
+def test_depthwise_rebuild_matches_grouped_convnext():
+    stock = keras.applications.ConvNeXtTiny(include_top=False, weights=None, input_shape=(96, 96, 3))
+    grouped = [l for l in stock.layers if isinstance(l, keras.layers.Conv2D) and l.groups > 1]
+    assert grouped, "keras.applications builds ConvNeXt with grouped Conv2D"
+    rebuilt = depthwise_rebuild(stock)
+    assert sum(isinstance(l, keras.layers.DepthwiseConv2D) for l in rebuilt.layers) == len(grouped)
+    x = np.random.default_rng(1).uniform(0, 255, (2, 96, 96, 3)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(rebuilt(x)), np.asarray(stock(x)), atol=1e-4, rtol=1e-4)
+
+
+def test_local_weights_file(tmp_path):
+    cfg = make_config("cpu", model="efficientnet_v2_b0", weights="none", seed=5)
+    source = backbone_of(build_model(cfg))
+    path = str(tmp_path / "backbone.weights.h5")
+    source.save_weights(path)
+    loaded = backbone_of(build_model(make_config("cpu", model="efficientnet_v2_b0", weights=path, seed=9)))
+    for a, b in zip(source.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert not loaded.trainable  # pretrained backbones start frozen
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        build_model(make_config("cpu", model="efficientnet_v2_b0", weights=str(tmp_path / "missing.h5")))
+
+
+def test_unfreeze_last_layers(tmp_path):
+    path = str(tmp_path / "w.weights.h5")
+    backbone_of(build_model(make_config("cpu", model="efficientnet_v2_b0", weights="none"))).save_weights(path)
+    model = build_model(make_config("cpu", model="efficientnet_v2_b0", weights=path))
+    unfreeze(model, last_n=10)
+    backbone = backbone_of(model)
+    trainable = [l for l in backbone.layers if l.trainable and l.weights]
+    assert 0 < len(trainable) <= 10
+    assert not any(isinstance(l, keras.layers.BatchNormalization) for l in trainable)
+
+
+def test_unknown_model_names_the_choices():
+    with pytest.raises(ValueError, match="vanilla_cnn"):
+        build_model(make_config("cpu", model="resnet9000"))
+
+
+def test_saved_model_round_trip(tmp_path):
+    model = build_model(make_config("smoke"))
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    again = keras.models.load_model(path)
+    x = np.random.default_rng(2).integers(0, 256, (3, 96, 96, 3)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(again(x)), np.asarray(model(x)), atol=1e-6)
+    assert any(isinstance(l, Preprocess) for l in again.layers)
+
+
+def test_registry_lists_the_issue_models():
+    for name in ("vanilla_cnn", "vgg16", "densenet121", "resnet50", "inception_v3", "efficientnet_v2_b3",
+                 "convnext_tiny", "convnext_base", "convnext_large"):
+        assert name in MODEL_NAMES
+    assert set(BACKBONES) < set(MODEL_NAMES)

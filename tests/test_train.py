@@ -1,0 +1,120 @@
+"""End to end: a smoke run cleans, splits, trains, evaluates and exports; a killed run resumes."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from trainer import models  # noqa: F401  registers the custom layers for load_model
+from trainer.evaluate import train_vs_inference_mode
+from trainer.train import precise_batchnorm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def trainer_cmd(*args):
+    return [sys.executable, "-m", "trainer", "train", *args]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, data_path):
+    base = tmp_path_factory.mktemp("smoke")
+    sub = base / "submission"
+    proc = subprocess.run(trainer_cmd("--profile", "smoke", "--data", data_path, "--name", "smoke",
+                                      "--runs-dir", str(base / "runs"), "--submission-dir", str(sub)),
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return base / "runs" / "smoke", sub, proc.stdout
+
+
+def test_smoke_run_writes_every_artifact(smoke_run):
+    run, sub, out = smoke_run
+    for name in ("config.json", "cleaning.json", "removed.png", "augmented.png", "split.npz", "holdout.npz",
+                 "history.json", "curves.png", "model.keras", "metrics.json", "confusion_val.png",
+                 "confusion_test.png", "robustness.png", "model.onnx", "settings.json"):
+        assert (run / name).exists(), name
+    assert (sub / "model.onnx").read_bytes() == (run / "model.onnx").read_bytes()
+    assert json.loads((sub / "settings.json").read_text())["run"] == "smoke"
+    config = json.loads((run / "config.json").read_text())
+    assert config["profile"] == "smoke" and config["model"] == "vanilla_cnn"
+    cleaning = json.loads((run / "cleaning.json").read_text())
+    assert cleaning["removed_repeated"] == 1800
+    assert "cleaning: kept" in out and "exported" in out
+
+
+def test_metrics_hold_every_figure(smoke_run):
+    metrics = json.loads((smoke_run[0] / "metrics.json").read_text())
+    for split in ("val", "test"):
+        m = metrics[split]
+        assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["macro_f1"] <= 1.0
+        assert len(m["per_class"]) == 8 and np.array(m["confusion_matrix"]).shape == (8, 8)
+        assert np.array(m["confusion_matrix"]).sum() == m["n"]
+    assert metrics["test"]["accuracy"] > 0.2  # above chance (0.125) after two short epochs
+    rob = metrics["robustness"]
+    assert 0.0 <= rob["corrupted"]["accuracy"] <= 1.0 and len(rob["per_family"]) == 6
+    assert metrics["export"]["parity"]["ok"]
+
+
+def test_onnx_agrees_with_keras_on_holdout(smoke_run):
+    run = smoke_run[0]
+    model = keras.models.load_model(run / "model.keras")
+    with np.load(run / "holdout.npz") as held:
+        x = held["images"][:48].astype(np.float32)
+    session = ort.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"])
+    ours = session.run(None, {"pixels": x})[0]
+    np.testing.assert_allclose(ours, model.predict(x, verbose=0), atol=1e-4)
+
+
+def test_inference_mode_matches_training_mode(smoke_run):
+    """The trap: BatchNorm moving statistics that lag make inference-mode accuracy collapse."""
+    run = smoke_run[0]
+    check = json.loads((run / "metrics.json").read_text())["batchnorm_check"]
+    assert check["gap"] <= 0.05, check
+    model = keras.models.load_model(run / "model.keras")
+    with np.load(run / "holdout.npz") as held:
+        x, y = held["images"][:64], held["labels"][:64]
+    healthy = train_vs_inference_mode(model, x, y)
+    assert healthy["gap"] <= 0.05
+    for layer in model._flatten_layers():  # stale statistics, as after too few steps at momentum 0.99
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_variance.assign(layer.moving_variance * 400.0)
+            layer.moving_mean.assign(layer.moving_mean * 0.0 + 5.0)
+    stale = train_vs_inference_mode(model, x, y)
+    assert stale["gap"] > 0.15, stale  # the check catches it
+    assert stale["training_mode_accuracy"] == pytest.approx(healthy["training_mode_accuracy"], abs=1e-9)
+    assert precise_batchnorm(model, x) > 0
+    assert train_vs_inference_mode(model, x, y)["gap"] <= 0.05  # and precise BN repairs it
+
+
+def test_killed_run_resumes_where_it_stopped(tmp_path, data_path):
+    runs = tmp_path / "runs"
+    args = ("--profile", "smoke", "--data", data_path, "--name", "r", "--runs-dir", str(runs), "--epochs", "3",
+            "--limit", "400", "--patience", "10", "--robustness-images", "0", "--export", "false",
+            "--submission-dir", "", "--verbose", "2")
+    proc = subprocess.Popen(trainer_cmd(*args), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:  # kill it as soon as epoch 2 begins: epoch 1 is saved, epoch 2 is lost
+        seen.append(line)
+        if line.startswith("Epoch 2/3"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-20:])
+    resumed = subprocess.run([sys.executable, "-m", "trainer", "train", "--resume", str(runs / "r")], cwd=ROOT,
+                             env=ENV, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "Epoch 1/3" not in resumed.stdout and "Epoch 2/3" in resumed.stdout
+    with open(runs / "r" / "phase_train" / "history.csv") as fh:
+        epochs = [int(row["epoch"]) for row in csv.DictReader(fh)]
+    assert epochs == [0, 1, 2]
+    assert (runs / "r" / "metrics.json").exists()
