@@ -18,8 +18,9 @@ LIMIT ?= 6000
 MARGIN ?= 0.5
 VENDOR_ORT ?= 0
 SKIP_BENCHMARK ?= 0
+OUT ?=
 
-.PHONY: setup train benchmark zip test runs augment clean-venv
+.PHONY: setup train benchmark zip test runs augment evaluate tune clean-venv
 
 setup: $(STAMP)
 
@@ -41,7 +42,14 @@ benchmark: $(STAMP)
 
 zip: $(STAMP)
 	$(PY) -m benchmark.pack $(if $(RUN),--run $(RUN)) $(if $(filter 1,$(VENDOR_ORT)),--vendor-ort) \
-		$(if $(filter 1,$(SKIP_BENCHMARK)),--skip-benchmark) --cpus $(CPUS) --limit $(LIMIT) --margin $(MARGIN)
+		$(if $(filter 1,$(SKIP_BENCHMARK)),--skip-benchmark) $(if $(OUT),--out $(OUT)) \
+		--cpus $(CPUS) --limit $(LIMIT) --margin $(MARGIN)
+
+evaluate: $(STAMP)
+	$(PY) -m trainer evaluate --model $(if $(RUN),$(RUN),submission) --data $(if $(TEST),$(TEST),$(DATA)) $(ARGS)
+
+tune: $(STAMP)
+	$(PY) -m trainer tune --data $(DATA) $(if $(PROFILE),--profile $(PROFILE)) $(ARGS)
 
 runs: $(STAMP)
 	$(PY) -m trainer runs $(ARGS)

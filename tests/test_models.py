@@ -81,3 +81,16 @@ def test_registry_lists_the_issue_models():
                  "convnext_tiny", "convnext_base", "convnext_large"):
         assert name in MODEL_NAMES
     assert set(BACKBONES) < set(MODEL_NAMES)
+
+
+def test_gpu_profile_runs_a_few_steps_on_cpu(tmp_path, real_slice):
+    """The gpu profile's recipe (ConvNeXtBase at 224, both phases) trains here with weights=None."""
+    from trainer.train import fit
+    cfg = make_config("gpu", weights="none", batch_size=2, epochs=1, steps_per_epoch=1, fine_tune_epochs=1,
+                      randaugment=True)
+    images, labels = real_slice
+    model, history = fit(cfg, str(tmp_path), images, labels, np.arange(8), np.arange(8, 10), deadline=0.0)
+    assert len(history["accuracy"]) == 2  # one epoch per phase
+    assert (tmp_path / "phase_finetune" / "done.json").exists()
+    assert backbone_of(model).input_shape == (None, 224, 224, 3)
+    assert np.asarray(model(images[:2].astype(np.float32))).shape == (2, 8)

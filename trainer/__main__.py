@@ -1,4 +1,4 @@
-"""Command line: python -m trainer {train,augment,export,corrupt} ..."""
+"""Command line: python -m trainer {train,augment,export,evaluate,tune,corrupt,report,gradcam,runs} ..."""
 from __future__ import annotations
 
 import argparse
@@ -65,6 +65,69 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from . import data
+    from .evaluate import evaluate_exported
+    images, labels = data.load_npz_images(args.data)
+    name = os.path.basename(args.data)
+    if args.corrupt:
+        from .corrupt import corrupt_mix
+        images, _ = corrupt_mix(images, seed=args.seed)
+        name += f" (corrupted, seed {args.seed})"
+    views = [int(v) for v in args.views.split(",")]
+    rows = evaluate_exported(args.model, images, labels, views)
+    print(f"{args.model} on {name}: {len(images)} images")
+    print(f"{'views':>5}  {'accuracy':>8}  {'macro F1':>8}  {'img/s':>8}")
+    for r in rows:
+        acc = f"{r['accuracy']:.4f}" if "accuracy" in r else "-"
+        f1 = f"{r['macro_f1']:.4f}" if "macro_f1" in r else "-"
+        print(f"{r['views']:>5}  {acc:>8}  {f1:>8}  {r['img_per_s']:>8.1f}")
+    if args.out:
+        from . import files
+        files.write_json(args.out, {"model": args.model, "data": args.data, "corrupted": args.corrupt,
+                                    "seed": args.seed, "rows": rows})
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from dataclasses import fields
+    from .config import Config
+    from .tune import CANDIDATES, table, tune, tune_config
+    overrides = {f.name: getattr(args, f.name) for f in fields(Config)
+                 if getattr(args, f.name, None) is not None and f.name != "profile"}
+    base = tune_config(args.profile or default_profile(), **overrides)
+    names = args.candidates.split(",") if args.candidates else None
+    unknown = [n for n in names or [] if n not in CANDIDATES]
+    if unknown:
+        raise ValueError(f"unknown candidate(s) {unknown}; choose from {list(CANDIDATES)}")
+    rows = tune(base, args.budget_min, names)
+    print(table(rows))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+    return 0 if write_report(args.run, args.n) else 1
+
+
+def cmd_gradcam(args) -> int:
+    from . import gradcam
+    from .report import write_report
+    mistakes = gradcam.run_mistakes(args.run, args.n)
+    sheet = os.path.join(args.run, "gradcam.png")
+    gradcam.save_sheet(mistakes, sheet)
+    for m in mistakes:
+        print(f"#{m.index:5d}  true {m.true_name:22s} predicted {m.predicted_name:22s} {m.confidence:6.1%}")
+    print(f"wrote {sheet} ({len(mistakes)} worst mistakes)")
+    return 0 if write_report(args.run, args.n, mistakes) else 1
+
+
+def cmd_runs(args) -> int:
+    from .runs import runs_table
+    print(runs_table(args.runs_dir, args.sort, args.markdown, args.reverse))
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "corrupt":
@@ -92,6 +155,41 @@ def main(argv=None) -> int:
     p.add_argument("--run", required=True, help="run folder, e.g. runs/cpu-20261127-101500")
     p.add_argument("--submission-dir", default=None, help="where to copy model.onnx and settings.json")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="score an exported model (ONNX through submission/model.py) on any .npz")
+    p.add_argument("--model", required=True, help="a run folder or a submission folder holding model.onnx")
+    p.add_argument("--data", required=True, help=".npz with images (and labels, for accuracy)")
+    p.add_argument("--views", default="1,8", help="TTA views to try, comma-separated (default 1,8)")
+    p.add_argument("--corrupt", action="store_true", help="score a corrupted copy (the pseudo-private test)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the corrupted copy (a run uses its config seed)")
+    p.add_argument("--out", help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("tune", help="short runs of augmentation candidates, scored clean and corrupted")
+    p.add_argument("--profile", choices=sorted(PROFILES), default=None)
+    p.add_argument("--resume", help=argparse.SUPPRESS)
+    p.add_argument("--budget-min", type=float, default=60.0, help="start no candidate that would end past this")
+    p.add_argument("--candidates", help="comma-separated names from trainer/tune.py (default: all, in order)")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("report", help="write (or refresh) a run's report.html")
+    p.add_argument("--run", required=True, help="run folder, e.g. runs/cpu-20261127-101500")
+    p.add_argument("--n", type=int, default=32, help="mistakes in the Grad-CAM gallery")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("gradcam", help="Grad-CAM of a run's worst mistakes: gradcam.png and the report's gallery")
+    p.add_argument("--run", required=True, help="run folder, e.g. runs/cpu-20261127-101500")
+    p.add_argument("--n", type=int, default=32, help="how many of the most confident mistakes")
+    p.set_defaults(func=cmd_gradcam)
+
+    p = sub.add_parser("runs", help="table of all runs, newest first")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--sort", default="date", help="column to sort by: name, date, model, optimizer, notes, epochs, "
+                   "time, clean, corrupted, f1, onnx_mb, projected, verdict")
+    p.add_argument("--reverse", action="store_true", help="flip the order (numbers and dates sort largest first)")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    p.set_defaults(func=cmd_runs)
 
     sub.add_parser("corrupt", help="write a corrupted copy of an .npz: corrupt IN.npz OUT.npz [--seed S]")
 

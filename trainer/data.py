@@ -18,23 +18,32 @@ class DataError(ValueError):
 
 def load_npz(path: str, resize: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Images (N,96,96,3) uint8 and labels (N,) int64 from a course-format .npz file."""
+    images, labels = load_npz_images(path, resize)
+    if labels is None:
+        raise DataError(f"{path} lacks key 'labels'; the course file has 'images' (N,96,96,3) and 'labels' (N,1)")
+    return images, labels
+
+
+def load_npz_images(path: str, resize: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images and, when the file has them, labels: for scoring or timing any set, labelled or not."""
     if not os.path.exists(path):
         raise DataError(f"data file not found: {path}. Put the course's training_set.npz at data/training_set.npz "
                         f"or pass DATA=path/to/training_set.npz")
     try:
         with np.load(path, allow_pickle=False) as npz:
             keys = set(npz.files)
-            missing = {"images", "labels"} - keys
-            if missing:
-                raise DataError(f"{path} lacks key(s) {sorted(missing)} (has {sorted(keys)}); "
+            if "images" not in keys:
+                raise DataError(f"{path} lacks key 'images' (has {sorted(keys)}); "
                                 f"the course file has 'images' (N,96,96,3) and 'labels' (N,1)")
-            images, labels = npz["images"], npz["labels"]
+            images = npz["images"]
+            labels = npz["labels"] if "labels" in keys else None
     except DataError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise DataError(f"{path} is not a readable .npz file ({type(err).__name__}: {err}); "
                         f"re-download the course's training_set.npz") from None
-    return validate_images(images, path, resize), validate_labels(labels, len(images), path)
+    images = validate_images(images, path, resize)
+    return images, None if labels is None else validate_labels(labels, len(images), path)
 
 
 def validate_images(images: np.ndarray, source: str = "images", resize: bool = False) -> np.ndarray:

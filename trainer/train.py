@@ -225,73 +225,77 @@ def train(cfg: Config) -> dict:
     started = time.time()
     out_dir = run_dir_for(cfg)
     os.makedirs(out_dir, exist_ok=True)
-    files.write_json(os.path.join(out_dir, "config.json"), cfg.to_dict())
-    log(f"run {cfg.name}: {out_dir}  (profile {cfg.profile}, model {cfg.model})")
-    keras.utils.set_random_seed(cfg.seed)
+    try:
+        files.write_json(os.path.join(out_dir, "config.json"), cfg.to_dict())
+        log(f"run {cfg.name}: {out_dir}  (profile {cfg.profile}, model {cfg.model})")
+        keras.utils.set_random_seed(cfg.seed)
 
-    images, labels = prepare_data(cfg, out_dir)
-    train_idx, val_idx, test_idx = data.train_val_test(labels, cfg.val_fraction, cfg.test_fraction, cfg.seed,
-                                                       cfg.no_test_split)
-    files.save_npz(os.path.join(out_dir, "split.npz"), train=train_idx, val=val_idx, test=test_idx)
-    holdout = test_idx if len(test_idx) else val_idx  # what the benchmark scores
-    files.save_npz(os.path.join(out_dir, "holdout.npz"), images=images[holdout], labels=labels[holdout])
-    log(f"split: train {len(train_idx)}, val {len(val_idx)}, test {len(test_idx)}"
-        + (" (no test split: test joined train)" if cfg.no_test_split else ""))
-    save_grid(images[train_idx[:16]], augmented_samples(images[train_idx[:16]], cfg, 16),
-              os.path.join(out_dir, "augmented.png"))
+        images, labels = prepare_data(cfg, out_dir)
+        train_idx, val_idx, test_idx = data.train_val_test(labels, cfg.val_fraction, cfg.test_fraction, cfg.seed,
+                                                           cfg.no_test_split)
+        files.save_npz(os.path.join(out_dir, "split.npz"), train=train_idx, val=val_idx, test=test_idx)
+        holdout = test_idx if len(test_idx) else val_idx  # what the benchmark scores
+        files.save_npz(os.path.join(out_dir, "holdout.npz"), images=images[holdout], labels=labels[holdout])
+        log(f"split: train {len(train_idx)}, val {len(val_idx)}, test {len(test_idx)}"
+            + (" (no test split: test joined train)" if cfg.no_test_split else ""))
+        save_grid(images[train_idx[:16]], augmented_samples(images[train_idx[:16]], cfg, 16),
+                  os.path.join(out_dir, "augmented.png"))
 
-    deadline = started + cfg.time_budget_min * 60 if cfg.time_budget_min else 0.0
-    if cfg.folds >= 2:
-        pool = np.sort(np.concatenate([train_idx, val_idx]))
-        models, fold_scores, history = [], [], {}
-        for k, (tr, va) in enumerate(data.kfold(labels[pool], cfg.folds, cfg.seed)):
-            log(f"fold {k + 1}/{cfg.folds}")
-            m, h = fit(cfg, os.path.join(out_dir, f"fold{k}"), images, labels, pool[tr], pool[va], deadline)
-            fold_scores.append(float((ev.predict_probs(m, images[pool[va]]).argmax(1) == labels[pool[va]]).mean()))
-            models.append(m)
-            history = history or h
-        model = ensemble(models)
-        cv = {"fold_val_accuracy": fold_scores, "mean": float(np.mean(fold_scores)),
-              "std": float(np.std(fold_scores))}
-        log(f"cross-validation: {cv['mean']:.4f} +- {cv['std']:.4f} over {cfg.folds} folds")
-    else:
-        model, history = fit(cfg, out_dir, images, labels, train_idx, val_idx, deadline)
-        cv = None
-    train_seconds = time.time() - started
+        deadline = started + cfg.time_budget_min * 60 if cfg.time_budget_min else 0.0
+        if cfg.folds >= 2:
+            pool = np.sort(np.concatenate([train_idx, val_idx]))
+            models, fold_scores, history = [], [], {}
+            for k, (tr, va) in enumerate(data.kfold(labels[pool], cfg.folds, cfg.seed)):
+                log(f"fold {k + 1}/{cfg.folds}")
+                m, h = fit(cfg, os.path.join(out_dir, f"fold{k}"), images, labels, pool[tr], pool[va], deadline)
+                fold_scores.append(float((ev.predict_probs(m, images[pool[va]]).argmax(1) == labels[pool[va]]).mean()))
+                models.append(m)
+                history = history or h
+            model = ensemble(models)
+            cv = {"fold_val_accuracy": fold_scores, "mean": float(np.mean(fold_scores)),
+                  "std": float(np.std(fold_scores))}
+            log(f"cross-validation: {cv['mean']:.4f} +- {cv['std']:.4f} over {cfg.folds} folds")
+        else:
+            model, history = fit(cfg, out_dir, images, labels, train_idx, val_idx, deadline)
+            cv = None
+        train_seconds = time.time() - started
 
-    files.write_json(os.path.join(out_dir, "history.json"), history)
-    ev.plot_curves(history, os.path.join(out_dir, "curves.png"))
-    tmp = os.path.join(out_dir, ".model.tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, os.path.join(out_dir, "model.keras"))
+        files.write_json(os.path.join(out_dir, "history.json"), history)
+        ev.plot_curves(history, os.path.join(out_dir, "curves.png"))
+        tmp = os.path.join(out_dir, ".model.tmp.keras")
+        model.save(tmp)
+        os.replace(tmp, os.path.join(out_dir, "model.keras"))
 
-    metrics = {"run": cfg.name, "profile": cfg.profile, "model": cfg.model, "train_seconds": round(train_seconds, 1),
-               "epochs": len(history.get("accuracy", [])), "train_images": int(len(train_idx)),
-               "val": evaluate_split(model, images[val_idx], labels[val_idx], "val", out_dir)}
-    if len(test_idx):
-        metrics["test"] = evaluate_split(model, images[test_idx], labels[test_idx], "test", out_dir)
-    if cv:
-        metrics["cross_validation"] = cv
-    sample = train_idx[:512]
-    metrics["batchnorm_check"] = ev.train_vs_inference_mode(model, images[sample], labels[sample])
-    gap = metrics["batchnorm_check"]["gap"]
-    log(f"train images: training-mode accuracy {metrics['batchnorm_check']['training_mode_accuracy']:.4f}, "
-        f"inference-mode {metrics['batchnorm_check']['inference_mode_accuracy']:.4f}"
-        + ("  WARNING: inference mode is worse: BatchNorm statistics are off" if gap > 0.05 else ""))
-    if cfg.robustness_images:
-        probs = lambda x: ev.predict_probs(model, x)  # noqa: E731
-        scored = holdout if len(holdout) else val_idx
-        rob = ev.robustness(probs, images[scored], labels[scored], cfg.seed, cfg.robustness_images)
-        metrics["robustness"] = rob
-        ev.plot_robustness(rob["per_family"], os.path.join(out_dir, "robustness.png"))
-        log(f"corrupted {'test' if len(test_idx) else 'val'}: accuracy {rob['corrupted']['accuracy']:.4f}")
-    files.write_json(os.path.join(out_dir, "metrics.json"), metrics)
-
-    if cfg.export:
-        metrics["export"] = export_run(cfg, model, images[holdout[:64]], out_dir)
+        metrics = {"run": cfg.name, "profile": cfg.profile, "model": cfg.model, "train_seconds": round(train_seconds, 1),
+                   "epochs": len(history.get("accuracy", [])), "train_images": int(len(train_idx)),
+                   "val": evaluate_split(model, images[val_idx], labels[val_idx], "val", out_dir)}
+        if len(test_idx):
+            metrics["test"] = evaluate_split(model, images[test_idx], labels[test_idx], "test", out_dir)
+        if cv:
+            metrics["cross_validation"] = cv
+        sample = train_idx[:512]
+        metrics["batchnorm_check"] = ev.train_vs_inference_mode(model, images[sample], labels[sample])
+        gap = metrics["batchnorm_check"]["gap"]
+        log(f"train images: training-mode accuracy {metrics['batchnorm_check']['training_mode_accuracy']:.4f}, "
+            f"inference-mode {metrics['batchnorm_check']['inference_mode_accuracy']:.4f}"
+            + ("  WARNING: inference mode is worse: BatchNorm statistics are off" if gap > 0.05 else ""))
+        if cfg.robustness_images:
+            probs = lambda x: ev.predict_probs(model, x)  # noqa: E731
+            scored = holdout if len(holdout) else val_idx
+            rob = ev.robustness(probs, images[scored], labels[scored], cfg.seed, cfg.robustness_images)
+            metrics["robustness"] = rob
+            ev.plot_robustness(rob["per_family"], os.path.join(out_dir, "robustness.png"))
+            log(f"corrupted {'test' if len(test_idx) else 'val'}: accuracy {rob['corrupted']['accuracy']:.4f}")
         files.write_json(os.path.join(out_dir, "metrics.json"), metrics)
-    log(f"done in {time.time() - started:.0f} s: {out_dir}")
-    return metrics
+
+        if cfg.export:
+            metrics["export"] = export_run(cfg, model, images[holdout[:64]], out_dir)
+            files.write_json(os.path.join(out_dir, "metrics.json"), metrics)
+        log(f"done in {time.time() - started:.0f} s: {out_dir}")
+        return metrics
+    finally:  # a run that stopped early still gets a page with what it has
+        from .report import write_report
+        write_report(out_dir)
 
 
 def export_run(cfg: Config, model, check_images: np.ndarray, out_dir: str) -> dict:

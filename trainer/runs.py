@@ -1,0 +1,177 @@
+"""A table of every run in runs/: settings, scores, export and benchmark; sortable, as text or Markdown."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+# (column, kind): kind says how it sorts and prints; numbers and dates sort descending, text ascending.
+COLUMNS = [("name", "text"), ("date", "date"), ("model", "text"), ("optimizer", "text"), ("notes", "text"),
+           ("epochs", "int"), ("time", "duration"), ("clean", "acc"), ("corrupted", "acc"), ("f1", "acc"),
+           ("onnx_mb", "mb"), ("projected", "seconds"), ("verdict", "text")]
+KINDS = dict(COLUMNS)
+STAMP = re.compile(r"(\d{8}-\d{6})$")
+
+
+def read_json(path: str) -> dict:
+    """The JSON object in path, or {} when the file is missing or half-written."""
+    try:
+        with open(path) as fh:
+            value = json.load(fh)
+        return value if isinstance(value, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def run_date(run_dir: str) -> float:
+    """When the run started: the timestamp in an automatic name, else config.json's modification time."""
+    found = STAMP.search(os.path.basename(os.path.normpath(run_dir)))
+    if found:
+        return time.mktime(time.strptime(found.group(1), "%Y%m%d-%H%M%S"))
+    for name in ("config.json", "metrics.json"):
+        path = os.path.join(run_dir, name)
+        if os.path.exists(path):
+            return os.path.getmtime(path)
+    return os.path.getmtime(run_dir)
+
+
+def notes(cfg: dict, metrics: dict) -> str:
+    """The settings that explain a score at a glance: augmentation, split, balance, folds, subset."""
+    out = []
+    if cfg.get("randaugment"):
+        out.append(f"RandAugment {cfg.get('randaugment_magnitude', 0):g}")
+    for key, label in (("mixup_alpha", "mixup"), ("cutmix_alpha", "cutmix"), ("erase", "erase")):
+        if cfg.get(key):
+            out.append(f"{label} {cfg[key]:g}")
+    if not out:
+        geometric = any(cfg.get(k) for k in ("flip", "rot90", "rotation", "zoom", "shift"))
+        out.append("geometric aug" if geometric else "no aug")
+    if cfg.get("no_test_split"):
+        out.append("no-test-split")
+    if cfg.get("balance", "none") != "none":
+        out.append(f"balance {cfg['balance']}")
+    if cfg.get("folds", 0) >= 2:
+        out.append(f"{cfg['folds']}-fold")
+    if cfg.get("fine_tune_epochs") and cfg.get("model") != "vanilla_cnn":
+        out.append(f"fine-tune {cfg['fine_tune_epochs']}")
+    if cfg.get("limit"):
+        out.append(f"limit {cfg['limit']}")
+    if cfg and not metrics:
+        out.append("STOPPED EARLY")
+    return ", ".join(out)
+
+
+def benchmark_of(run_dir: str) -> dict:
+    """benchmark.json (make benchmark), else benchmark_quick.json (the check make zip runs); {} when neither."""
+    for name in ("benchmark.json", "benchmark_quick.json"):
+        found = read_json(os.path.join(run_dir, name))
+        if found:
+            return found
+    return {}
+
+
+def projected_s(bench: dict):
+    """The projected grading time, top-level or inside the projection block of older files."""
+    value = bench.get("projected_s")
+    return value if value is not None else (bench.get("projection") or {}).get("projected_s")
+
+
+def onnx_mb(run_dir: str, metrics: dict):
+    size = (metrics.get("export") or {}).get("bytes")
+    path = os.path.join(run_dir, "model.onnx")
+    if size is None and os.path.exists(path):
+        size = os.path.getsize(path)
+    return size / 1e6 if size is not None else None
+
+
+def run_row(run_dir: str) -> dict:
+    """One run's raw values, keyed by column; None where the run does not have it."""
+    cfg = read_json(os.path.join(run_dir, "config.json"))
+    metrics = read_json(os.path.join(run_dir, "metrics.json"))
+    bench = benchmark_of(run_dir)
+    scored = metrics.get("test") or metrics.get("val") or {}
+    corrupted = (metrics.get("robustness") or {}).get("corrupted") or {}
+    return {
+        "name": os.path.basename(os.path.normpath(run_dir)),
+        "date": run_date(run_dir),
+        "model": cfg.get("model") or metrics.get("model"),
+        "optimizer": cfg.get("optimizer"),
+        "notes": notes(cfg, metrics),
+        "epochs": metrics.get("epochs"),
+        "time": metrics.get("train_seconds"),
+        "clean": scored.get("accuracy"),
+        "corrupted": corrupted.get("accuracy"),
+        "f1": scored.get("macro_f1"),
+        "onnx_mb": onnx_mb(run_dir, metrics),
+        "projected": projected_s(bench),
+        "verdict": bench.get("verdict"),
+    }
+
+
+def collect(runs_dir: str = "runs") -> list[dict]:
+    """A row for every folder in runs_dir that holds a config.json or a metrics.json."""
+    if not os.path.isdir(runs_dir):
+        return []
+    folders = [os.path.join(runs_dir, name) for name in sorted(os.listdir(runs_dir))]
+    return [run_row(f) for f in folders
+            if os.path.exists(os.path.join(f, "config.json")) or os.path.exists(os.path.join(f, "metrics.json"))]
+
+
+def sort_rows(rows: list[dict], column: str = "date", reverse: bool = False) -> list[dict]:
+    """Numbers and dates largest first, text A to Z (reverse flips both); missing values always last."""
+    if column not in KINDS:
+        raise ValueError(f"unknown column {column!r}; sort by one of {', '.join(KINDS)}")
+    present = [r for r in rows if r[column] is not None]
+    missing = [r for r in rows if r[column] is None]
+    descending = KINDS[column] != "text"
+    key = (lambda r: str(r[column]).lower()) if KINDS[column] == "text" else (lambda r: r[column])
+    return sorted(present, key=key, reverse=descending != reverse) + missing
+
+
+def cell(value, kind: str) -> str:
+    if value is None:
+        return "-"
+    if kind == "date":
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(value))
+    if kind == "acc":
+        return f"{value:.4f}"
+    if kind == "mb":
+        return f"{value:.1f}"
+    if kind == "duration":
+        return duration(value)
+    if kind == "seconds":  # the grading-time projection, in the unit of its limit
+        return f"{value:.0f}s"
+    return str(value)
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def format_table(rows: list[dict], markdown: bool = False) -> str:
+    """Aligned plain text (numbers right-aligned), or a Markdown table."""
+    names = [c for c, _ in COLUMNS]
+    cells = [[cell(r[c], KINDS[c]) for c in names] for r in rows]
+    right = [KINDS[c] != "text" and KINDS[c] != "date" for c in names]
+    if markdown:
+        lines = ["| " + " | ".join(names) + " |",
+                 "|" + "|".join("---:" if r else "---" for r in right) + "|"]
+        lines += ["| " + " | ".join(v.replace("|", "\\|") for v in row) + " |" for row in cells]
+        return "\n".join(lines)
+    widths = [max(len(v) for v in col) for col in zip(names, *cells)]
+
+    def line(values):
+        return "  ".join(v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right)).rstrip()
+    return "\n".join([line(names), line(["-" * w for w in widths])] + [line(row) for row in cells])
+
+
+def runs_table(runs_dir: str = "runs", sort: str = "date", markdown: bool = False, reverse: bool = False) -> str:
+    rows = collect(runs_dir)
+    if not rows:
+        return f"no runs in {runs_dir}/ yet: make train"
+    return format_table(sort_rows(rows, sort, reverse), markdown)

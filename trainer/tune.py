@@ -1,0 +1,65 @@
+"""Augmentation search: short runs of candidate settings, scored clean and on the corrupted pseudo-private copy."""
+from __future__ import annotations
+
+import os
+import time
+
+from . import files
+from .config import Config, make_config
+
+# Each candidate adds to the one before, so the table reads as an ablation from "no augmentation" upwards.
+GEOMETRY_ONLY = dict(randaugment=False, contrast=0.0, brightness=0.0, saturation=0.0, hue=0.0, noise_std=0.0,
+                     erase=0.0, mixup_alpha=0.0, cutmix_alpha=0.0)
+CANDIDATES: dict[str, dict] = {
+    "none": dict(GEOMETRY_ONLY, flip=False, rot90=False, rotation=0.0, zoom=0.0, shift=0.0),
+    "geometry": dict(GEOMETRY_ONLY),
+    "geometry+colour": dict(GEOMETRY_ONLY, contrast=0.2, brightness=0.15, saturation=0.3, noise_std=5.0),
+    "geometry+colour+randaugment": dict(randaugment=True, erase=0.0, mixup_alpha=0.0, cutmix_alpha=0.0),
+    "strong (+hue, erase, magnitude 0.5)": dict(randaugment=True, randaugment_magnitude=0.5, hue=0.05, erase=0.25),
+    "strong+mixup/cutmix": dict(randaugment=True, randaugment_magnitude=0.5, hue=0.05, erase=0.25,
+                                mixup_alpha=0.2, cutmix_alpha=1.0),
+}
+
+
+def tune(base: Config, budget_min: float, names: list[str] | None = None) -> list[dict]:
+    """Train each candidate with the base config's short settings until the time budget is spent."""
+    from .train import train
+    started = time.time()
+    folder = os.path.join(base.runs_dir, base.name or f"tune-{time.strftime('%Y%m%d-%H%M%S')}")
+    rows = []
+    for name in names or list(CANDIDATES):
+        spent = (time.time() - started) / 60
+        if rows and spent + rows[-1]["minutes"] > budget_min:
+            print(f"time budget: {spent:.1f} of {budget_min} min spent; skipping {name} and the rest", flush=True)
+            break
+        values = {**base.to_dict(), **CANDIDATES[name], "name": _slug(name), "runs_dir": folder,
+                  "export": False, "submission_dir": ""}
+        cfg = Config(**values)
+        t0 = time.time()
+        metrics = train(cfg)
+        scored = metrics.get("test") or metrics["val"]
+        corrupted = metrics.get("robustness", {}).get("corrupted", {}).get("accuracy", float("nan"))
+        rows.append({"candidate": name, "clean": scored["accuracy"], "corrupted": corrupted,
+                     "corrupted_minus_clean": corrupted - scored["accuracy"], "minutes": (time.time() - t0) / 60,
+                     "epochs": metrics["epochs"]})
+        files.write_json(os.path.join(folder, "tune.json"), rows)
+        print(table(rows), flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| candidate | clean | corrupted | corrupted - clean | epochs | minutes |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['candidate']} | {r['clean']:.4f} | {r['corrupted']:.4f} | "
+                     f"{r['corrupted_minus_clean']:+.4f} | {r['epochs']} | {r['minutes']:.1f} |")
+    return "\n".join(lines)
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
+
+
+def tune_config(profile: str, **overrides) -> Config:
+    """The base of a search: the profile, shortened unless the overrides say otherwise."""
+    short = dict(limit=4000, epochs=8, robustness_images=200, time_budget_min=0.0)
+    return make_config(profile, **{**short, **overrides})
