@@ -118,3 +118,36 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, data_path):
         epochs = [int(row["epoch"]) for row in csv.DictReader(fh)]
     assert epochs == [0, 1, 2]
     assert (runs / "r" / "metrics.json").exists()
+
+
+def test_evaluate_command_reproduces_metrics(smoke_run, tmp_path):
+    """ONNX through submission/model.py, identity view, scores the holdout as metrics.json says (clean and corrupted)."""
+    run = smoke_run[0]
+    metrics = json.loads((run / "metrics.json").read_text())
+    seed = json.loads((run / "config.json").read_text())["seed"]
+    for extra, expected in (([], metrics["test"]["accuracy"]),
+                            (["--corrupt", "--seed", str(seed)], metrics["robustness"]["corrupted"]["accuracy"])):
+        out = tmp_path / "eval.json"
+        proc = subprocess.run([sys.executable, "-m", "trainer", "evaluate", "--model", str(run), "--data",
+                               str(run / "holdout.npz"), "--views", "1,8", "--out", str(out), *extra],
+                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = json.loads(out.read_text())["rows"]
+        n = metrics["test"]["n"]
+        assert [r["views"] for r in rows] == [1, 8]
+        assert abs(rows[0]["accuracy"] - expected) <= 1.0 / n + 1e-9, (rows[0], expected)
+        assert "views" in proc.stdout and "accuracy" in proc.stdout
+
+
+def test_tune_reports_the_trade_off_within_its_budget(tmp_path, data_path):
+    proc = subprocess.run([sys.executable, "-m", "trainer", "tune", "--profile", "smoke", "--data", data_path,
+                           "--runs-dir", str(tmp_path), "--name", "t", "--limit", "300", "--epochs", "1",
+                           "--robustness-images", "16", "--candidates", "none,geometry", "--budget-min", "0.01"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "t" / "tune.json").read_text())
+    assert [r["candidate"] for r in rows] == ["none"]  # the budget left no room for the second
+    assert "skipping geometry" in proc.stdout
+    row = rows[0]
+    assert row["corrupted_minus_clean"] == pytest.approx(row["corrupted"] - row["clean"])
+    assert "| candidate | clean | corrupted |" in proc.stdout
