@@ -68,8 +68,23 @@ def colour(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     return tf.clip_by_value(images, 0.0, 255.0)
 
 
+def blur(images: tf.Tensor, cfg: Config) -> tf.Tensor:
+    """Gaussian blur of random strength: a random blend of each image with its blur at sigma cfg.blur."""
+    radius = max(1, int(math.ceil(2 * cfg.blur)))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / cfg.blur) ** 2)
+    taps = (taps / taps.sum()).astype(np.float32)
+    rows = tf.constant(np.tile(taps[:, None, None, None], (1, 1, 3, 1)))
+    cols = tf.constant(np.tile(taps[None, :, None, None], (1, 1, 3, 1)))
+    padded = tf.pad(images, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="REFLECT")
+    blurred = tf.nn.depthwise_conv2d(padded, rows, [1, 1, 1, 1], "VALID")
+    blurred = tf.nn.depthwise_conv2d(blurred, cols, [1, 1, 1, 1], "VALID")
+    batch = tf.shape(images)[0]
+    amount = tf.random.uniform([batch, 1, 1, 1]) * tf.cast(tf.random.uniform([batch, 1, 1, 1]) < 0.5, tf.float32)
+    return images + (blurred - images) * amount
+
+
 def erase(images: tf.Tensor, cfg: Config) -> tf.Tensor:
-    """Random erasing: with chance cfg.erase, one rectangle (10-30% of the side) becomes noise."""
+    """Random erasing: with chance cfg.erase, one rectangle (10-30% of the side) becomes noise or a flat colour."""
     shape = tf.shape(images)
     batch, h, w = shape[0], shape[1], shape[2]
     hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
@@ -83,7 +98,10 @@ def erase(images: tf.Tensor, cfg: Config) -> tf.Tensor:
               (cols >= left[:, None, None]) & (cols < (left + side_w)[:, None, None]))
     chosen = tf.random.uniform([batch, 1, 1]) < cfg.erase
     mask = tf.cast(inside & chosen, tf.float32)[..., None]
-    return images * (1 - mask) + tf.random.uniform(shape, 0, 255) * mask
+    flat = tf.random.uniform([batch, 1, 1, 3], 0, 255)
+    use_noise = tf.random.uniform([batch, 1, 1, 1]) < 0.5
+    fill = tf.where(use_noise, tf.random.uniform(shape, 0, 255), flat + tf.zeros_like(images))
+    return images * (1 - mask) + fill * mask
 
 
 def mix(images: tf.Tensor, labels: tf.Tensor, cfg: Config) -> tuple[tf.Tensor, tf.Tensor]:
@@ -137,6 +155,8 @@ def augment_batch(images: tf.Tensor, cfg: Config, randaugment=None) -> tf.Tensor
     if randaugment is not None:
         images = randaugment(images, training=True)
     images = colour(images, cfg)
+    if cfg.blur > 0:
+        images = blur(images, cfg)
     if cfg.erase > 0:
         images = erase(images, cfg)
     return images

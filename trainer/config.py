@@ -50,6 +50,7 @@ class Config:
     saturation: float = 0.3              # max colour degeneration (0 = off, 1 = may go fully grey)
     hue: float = 0.0                     # max hue shift, fraction of the circle
     noise_std: float = 5.0               # max std of Gaussian noise, in 0-255 units
+    blur: float = 0.0                    # Gaussian blur sigma (px) that half the images get a random share of; 0 = off
     erase: float = 0.0                   # chance of a random-erasing patch
     mixup_alpha: float = 0.0             # 0 = off
     cutmix_alpha: float = 0.0            # 0 = off
@@ -108,13 +109,13 @@ PROFILES: dict[str, dict] = {
     # The best this 2-core CPU trains in about 45 minutes, from scratch.
     "cpu": dict(model="vanilla_cnn", width=32, dense_units=256, epochs=40, batch_size=64,
                 learning_rate=2e-3, label_smoothing=0.1, weights="none", time_budget_min=42.0,
-                patience=8),
+                patience=8, erase=0.5, blur=1.5),
     # The seed write-up's best: ConvNeXtBase, ImageNet weights, NAdam, wide augmentation + RandAugment,
     # original class distribution, no test split.
     "gpu": dict(model="convnext_base", weights="imagenet", input_size=224, batch_size=64, epochs=60,
                 learning_rate=1e-4, fine_tune_epochs=30, fine_tune_lr=1e-5, freeze_backbone=False,
                 no_test_split=True, label_smoothing=0.1, dense_units=512, mixed_precision=True,
-                randaugment_magnitude=0.5, patience=10),
+                randaugment_magnitude=0.5, patience=10, erase=0.5, blur=1.5),
 }
 
 
