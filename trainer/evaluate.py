@@ -100,7 +100,8 @@ def plot_curves(history: dict, path: str) -> None:
         for prefix, style in (("", "-"), ("val_", "--")):
             values = history.get(prefix + key, [])
             if values:
-                ax.plot(range(1, len(values) + 1), values, style, label=("val " if prefix else "train ") + key)
+                ax.plot(range(1, len(values) + 1), values, style, marker="o", markersize=3,
+                        label=("val " if prefix else "train ") + key)
         ax.set_xlabel("epoch")
         ax.set_title(key)
         ax.grid(alpha=0.3)
