@@ -117,11 +117,6 @@ def _match_layernorm(g: _Graph, recip):
         if beta is None:
             return None
         extra = [neg, shift]
-    elif shift is not None and shift.op_type == "Sub" and shift.input[1] == mean_scaled.output[0]:
-        beta = g.const(shift.input[0])
-        if beta is None or g.other(mean_scaled, scale.output[0]) != mean_in.output[0]:
-            return None
-        extra = [shift]
     else:
         return None
     nodes = [mean_in, diff, square, var, add_eps, sqrt, recip, scale, x_scaled, mean_scaled, out, *extra]
