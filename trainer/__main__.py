@@ -194,10 +194,11 @@ def main(argv=None) -> int:
     sub.add_parser("corrupt", help="write a corrupted copy of an .npz: corrupt IN.npz OUT.npz [--seed S]")
 
     args = parser.parse_args(argv)
+    from benchmark.bench import SubmissionError, UsageError
     from .data import DataError
     try:
         return args.func(args)
-    except (DataError, FileNotFoundError, ValueError) as err:
+    except (DataError, FileNotFoundError, ValueError, SubmissionError, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -145,31 +145,11 @@ def plot_robustness(per_family: dict, path: str) -> None:
 
 # ---- scoring an exported model through submission/model.py -------------------------------------------
 
-def load_submission(model_dir: str, views: int, workdir: str):
-    """Model() of submission/model.py over model_dir's model.onnx, forced to exactly `views` TTA views."""
+def load_submission(folder: str, name: str):
+    """Model() of the submission in folder, imported under its own module name so several can coexist."""
     import importlib.util
-    import json
     import os
-    import shutil
-    from . import files
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    onnx_path = os.path.join(model_dir, "model.onnx")
-    if not os.path.exists(onnx_path):
-        raise FileNotFoundError(f"{onnx_path} not found; pass a run folder or a submission folder with model.onnx")
-    model_py = os.path.join(model_dir, "model.py")
-    if not os.path.exists(model_py):
-        model_py = os.path.join(root, "submission", "model.py")
-    folder = os.path.join(workdir, f"views{views}")
-    os.makedirs(folder, exist_ok=True)
-    shutil.copyfile(model_py, os.path.join(folder, "model.py"))
-    shutil.copyfile(onnx_path, os.path.join(folder, "model.onnx"))
-    settings = {}
-    if os.path.exists(os.path.join(model_dir, "settings.json")):
-        settings = json.load(open(os.path.join(model_dir, "settings.json")))
-    # A budget nobody can exceed, so the views are the ones asked for and not what the clock allows.
-    settings.update({"model_file": "model.onnx", "max_views": views, "tta": views > 1, "budget_per_image_s": 1e9})
-    files.write_json(os.path.join(folder, "settings.json"), settings)
-    spec = importlib.util.spec_from_file_location(f"submission_model_views{views}", os.path.join(folder, "model.py"))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(folder, "model.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.Model()
@@ -177,13 +157,25 @@ def load_submission(model_dir: str, views: int, workdir: str):
 
 def evaluate_exported(model_dir: str, images: np.ndarray, labels: np.ndarray | None,
                       views_list=(1, 2, 4, 8)) -> list[dict]:
-    """Accuracy and speed of an exported model on images, once per number of TTA views."""
+    """Accuracy and speed of an exported model on images, once per number of TTA views.
+
+    model_dir is a submission folder (with model.py), or a run folder whose model goes under submission/model.py.
+    """
+    import os
     import tempfile
     import time
+    from benchmark.bench import prepare_submission, variant
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from_run = not os.path.exists(os.path.join(model_dir, "model.py"))
+    source = os.path.join(root, "submission") if from_run else model_dir
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
+        staged = prepare_submission(source, model_dir, from_run, os.path.join(workdir, "staged"))
         for views in views_list:
-            model = load_submission(model_dir, views, workdir)
+            # A budget nobody can exceed, so the views are the ones asked for and not what the clock allows.
+            folder = variant(staged, os.path.join(workdir, f"views{views}"), max_views=views, tta=views > 1,
+                             budget_per_image_s=1e9)
+            model = load_submission(folder, f"submission_model_views{views}")
             started = time.perf_counter()
             pred = model.predict(images)
             seconds = time.perf_counter() - started
