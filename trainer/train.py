@@ -278,11 +278,13 @@ def train(cfg: Config) -> dict:
         if cv:
             metrics["cross_validation"] = cv
         sample = train_idx[:512]
-        metrics["batchnorm_check"] = ev.train_vs_inference_mode(model, images[sample], labels[sample])
-        gap = metrics["batchnorm_check"]["gap"]
-        log(f"train images: training-mode accuracy {metrics['batchnorm_check']['training_mode_accuracy']:.4f}, "
-            f"inference-mode {metrics['batchnorm_check']['inference_mode_accuracy']:.4f}"
-            + ("  WARNING: inference mode is worse: BatchNorm statistics are off" if gap > 0.05 else ""))
+        # Compare the modes on training images as the model saw them: augmented, like the batches behind the
+        # moving statistics. On clean images the gap would also hold the augmentation's own shift.
+        seen = augmented_samples(images[sample], cfg, len(sample))
+        check = metrics["batchnorm_check"] = ev.train_vs_inference_mode(model, seen, labels[sample])
+        log(f"augmented train images: training-mode accuracy {check['training_mode_accuracy']:.4f}, "
+            f"inference-mode {check['inference_mode_accuracy']:.4f}"
+            + ("  WARNING: inference mode is worse: BatchNorm statistics are off" if check["gap"] > 0.05 else ""))
         if cfg.robustness_images:
             probs = lambda x: ev.predict_probs(model, x)  # noqa: E731
             scored = holdout if len(holdout) else val_idx
