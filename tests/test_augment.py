@@ -8,8 +8,8 @@ import tensorflow as tf
 from trainer import augment
 from trainer.config import make_config
 
-OFF = dict(flip=False, rot90=False, rotation=0.0, zoom=0.0, shift=0.0, randaugment=False, contrast=0.0,
-           brightness=0.0, saturation=0.0, hue=0.0, noise_std=0.0, blur=0.0, erase=0.0)
+OFF = dict(flip=False, rot90=False, rotation=0.0, zoom=0.0, shift=0.0, shear=0.0, black_fill=0.0, randaugment=False,
+           contrast=0.0, brightness=0.0, saturation=0.0, hue=0.0, noise_std=0.0, blur=0.0, erase=0.0, corrupt=0.0)
 
 
 def changed_share(before: np.ndarray, after: np.ndarray) -> float:
@@ -38,6 +38,9 @@ def batch(real_slice):
     (dict(noise_std=8.0), 0.4),
     (dict(blur=1.5), 0.2),  # half the images, by design
     (dict(erase=1.0), 0.4),
+    (dict(shear=0.3), 0.4),
+    (dict(zoom=0.6, black_fill=1.0), 0.4),
+    (dict(corrupt=1.0), 0.9),
 ])
 def test_each_stage_keeps_range_and_changes_images(batch, stage, share):
     cfg = make_config("cpu", **{**OFF, **stage})
@@ -91,3 +94,45 @@ def test_augmentation_grid_png(tmp_path, batch):
     path = tmp_path / "grid.png"
     augment.save_grid(batch[:8], samples, str(path))
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("op", augment.CORRUPTION_OPS, ids=lambda op: op.__name__.strip("_"))
+def test_each_corruption_op_keeps_shape_and_changes_images(batch, op):
+    x = tf.constant(batch, tf.float32)
+    out = tf.clip_by_value(op(x, tf.fill([len(batch), 1, 1, 1], 1.0)), 0.0, 255.0).numpy()
+    check_range(out, len(batch))
+    assert changed_share(batch, out) > 0.9, f"{op.__name__} at full strength left images unchanged"
+
+
+def test_corruption_stage_hits_the_chosen_share(batch):
+    """corrupt=0.5 changes about half the images and leaves the rest bit-for-bit alone."""
+    cfg = make_config("cpu", **{**OFF, "corrupt": 0.5, "corrupt_ops": 2})
+    tf.random.set_seed(1)
+    images = np.concatenate([batch] * 8)
+    out = augment.corrupt(tf.constant(images, tf.float32), cfg).numpy()
+    check_range(out, len(images))
+    assert 0.35 < changed_share(images, out) < 0.65
+
+
+def test_black_fill_leaves_black_corners_and_mirror_fill_does_not(batch):
+    """A zoom-out with black fill shows black borders; the default mirror fill never does."""
+    base = {**OFF, "zoom": 1.0}
+    corner = lambda out: (out[:, :3, :3].max(axis=(1, 2, 3)) < 1.0).mean()  # noqa: E731
+    tf.random.set_seed(3)
+    black = augment.geometry(tf.constant(batch, tf.float32), make_config("cpu", **{**base, "black_fill": 1.0})).numpy()
+    mirror = augment.geometry(tf.constant(batch, tf.float32), make_config("cpu", **base)).numpy()
+    assert corner(black) > 0.3
+    assert corner(mirror) == 0.0
+
+
+def test_pipeline_stays_float32_under_bfloat16_training(real_slice):
+    """Mixed-precision training on a CPU sets a bfloat16 policy; RandAugment must still run in float32."""
+    import keras
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        cfg = make_config("cpu", batch_size=16, randaugment=True, randaugment_rate=1.0)
+        x, _ = next(iter(augment.train_dataset(real_slice[0][:32], real_slice[1][:32], cfg)))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert x.dtype == tf.float32
+    check_range(x.numpy(), 16)

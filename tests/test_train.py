@@ -154,3 +154,75 @@ def test_tune_reports_the_trade_off_within_its_budget(tmp_path, data_path):
     row = rows[0]
     assert row["corrupted_minus_clean"] == pytest.approx(row["corrupted"] - row["clean"])
     assert "| candidate | clean | corrupted |" in proc.stdout
+
+
+def test_cosine_schedule_decays_to_the_last_epoch_that_fits(tmp_path):
+    """The callback sets a cosine learning rate that reaches ~0 at the last epoch, or earlier when a deadline
+    leaves room for fewer epochs."""
+    import time
+    from trainer.config import make_config
+    from trainer.train import EpochClock, _callbacks
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(optimizer=keras.optimizers.Adam(0.1), loss="mse")
+
+    def rates(clock, epochs=10):
+        cosine = _callbacks(make_config("smoke", schedule="cosine"), str(tmp_path), clock.deadline, 0.1, epochs,
+                            clock)[-1]
+        cosine.set_model(model)
+        out = []
+        for epoch in range(epochs):
+            cosine.on_epoch_begin(epoch)
+            out.append(float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)))
+            if clock.durations:
+                clock.deadline -= clock.durations[-1]  # an epoch's time passes, without waiting for it
+        return out
+
+    unlimited = rates(EpochClock(0.0))
+    assert unlimited[0] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(unlimited, unlimited[1:]))
+    assert unlimited[5] == pytest.approx(0.05, rel=1e-3)  # half way down at half the epochs
+    assert unlimited[-1] < 0.003
+
+    squeezed_clock = EpochClock(time.time() + 100.0)
+    squeezed_clock.durations = [25.0]  # 4 more epochs of 25 s fit in 100 s
+    squeezed = rates(squeezed_clock)
+    assert squeezed[1] < unlimited[1]
+    assert squeezed[4] == pytest.approx(1e-4)  # past the last epoch that fits: the floor
+
+
+def test_epoch_clock_counts_the_epochs_that_fit():
+    import time
+    from trainer.train import EpochClock
+    assert EpochClock(0.0).epochs_left() > 10 ** 6  # no deadline
+    clock = EpochClock(time.time() + 100.0)
+    clock.durations = [10.0, 30.0, 20.0]  # the slowest recent epoch sets the pace
+    assert clock.epochs_left() == 3
+    assert EpochClock(time.time() - 1.0).epochs_left() == 0
+
+
+def test_unknown_schedule_is_refused(tmp_path):
+    from trainer.config import make_config
+    from trainer.train import _callbacks
+    with pytest.raises(ValueError, match="schedule 'linear'.*plateau or cosine"):
+        _callbacks(make_config("smoke", schedule="linear"), str(tmp_path), 0.0, 0.1, 3)
+
+
+def test_mixed_precision_model_becomes_float32_with_the_same_weights():
+    """After bfloat16 training the model is rebuilt in float32, so calibration, evaluation and ONNX see float32."""
+    from trainer.config import make_config
+    from trainer.train import as_float32, precision_policy
+    cfg = make_config("smoke", mixed_precision=True)
+    assert precision_policy(cfg, n_gpus=1) == "mixed_float16"
+    assert precision_policy(make_config("smoke"), n_gpus=0) == "float32"
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        mixed = models.build_model(cfg)
+        assert mixed.layers[2].compute_dtype == "bfloat16"
+        plain = as_float32(mixed, cfg)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert all(layer.compute_dtype == "float32" for layer in plain.layers)
+    for a, b in zip(mixed.get_weights(), plain.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    x = np.random.default_rng(0).uniform(0, 255, (4, 96, 96, 3)).astype(np.float32)
+    np.testing.assert_allclose(plain.predict(x, verbose=0), mixed.predict(x, verbose=0), atol=0.05)

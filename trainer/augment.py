@@ -1,4 +1,4 @@
-"""tf.data input pipelines: fixed geometry, then RandAugment, colour, noise, erasing and MixUp/CutMix."""
+"""tf.data input pipelines: geometry, RandAugment, colour, blur, erasing, corruptions, then MixUp/CutMix."""
 from __future__ import annotations
 
 import math
@@ -27,21 +27,30 @@ def geometry(images: tf.Tensor, cfg: Config, seed: tf.Tensor | None = None) -> t
         images = tf.where(transpose, tf.transpose(images, [0, 2, 1, 3]), images)
         flip_v = tf.random.uniform([batch, 1, 1, 1]) < 0.5
         images = tf.where(flip_v, tf.reverse(images, axis=[1]), images)
-    if cfg.rotation <= 0 and cfg.zoom <= 0 and cfg.shift <= 0:
+    if cfg.rotation <= 0 and cfg.zoom <= 0 and cfg.shift <= 0 and cfg.shear <= 0:
         return images
     angle = tf.random.uniform([batch], -1.0, 1.0) * cfg.rotation * 2 * math.pi
-    scale = 1.0 + tf.random.uniform([batch], -1.0, 1.0) * cfg.zoom
+    scale = tf.exp(tf.random.uniform([batch], -1.0, 1.0) * math.log1p(cfg.zoom))  # zoom in and out alike
+    shear = tf.random.uniform([batch], -1.0, 1.0) * cfg.shear
     dx = tf.random.uniform([batch], -1.0, 1.0) * cfg.shift * size
     dy = tf.random.uniform([batch], -1.0, 1.0) * cfg.shift * size
-    # Output pixel (x, y) samples input at A @ (x - c) + c + d, with A = rotation / scale.
+    # Output pixel p samples the input at A @ (p - c) + c + d, with A = rotation @ shear / scale.
     cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale
+    a00, a01, a10, a11 = cos, cos * shear - sin, sin, sin * shear + cos
     c = (size - 1) / 2
-    transforms = tf.stack([cos, -sin, c - cos * c + sin * c + dx,
-                           sin, cos, c - sin * c - cos * c + dy,
+    transforms = tf.stack([a00, a01, c - a00 * c - a01 * c + dx,
+                           a10, a11, c - a10 * c - a11 * c + dy,
                            tf.zeros([batch]), tf.zeros([batch])], axis=1)
-    return tf.raw_ops.ImageProjectiveTransformV3(
-        images=images, transforms=transforms, output_shape=tf.shape(images)[1:3],
-        interpolation="BILINEAR", fill_mode="REFLECT", fill_value=0.0)
+
+    def warp(fill_mode):
+        return tf.raw_ops.ImageProjectiveTransformV3(
+            images=images, transforms=transforms, output_shape=tf.shape(images)[1:3],
+            interpolation="BILINEAR", fill_mode=fill_mode, fill_value=0.0)
+
+    if cfg.black_fill <= 0:
+        return warp("REFLECT")
+    # Scanners and test-set makers pad with black; a share of batches learns that border too.
+    return tf.cond(tf.random.uniform([]) < cfg.black_fill, lambda: warp("CONSTANT"), lambda: warp("REFLECT"))
 
 
 def colour(images: tf.Tensor, cfg: Config) -> tf.Tensor:
@@ -104,6 +113,132 @@ def erase(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     return images * (1 - mask) + fill * mask
 
 
+# ---- corruption stage: the pseudo-private test's families, at random strengths, inside tf.data ----------
+# Each op takes a float batch and a per-image strength s in [0, 1] (1 = the suite's severity 5).
+
+def _gaussian_noise(x, s):
+    return x + tf.random.normal(tf.shape(x)) * s * 52.0
+
+
+def _salt_pepper(x, s):
+    hit = tf.random.uniform(tf.shape(x)[:3])[..., None] < s * 0.15
+    white = tf.random.uniform(tf.shape(x)[:3])[..., None] < 0.5
+    return tf.where(hit, tf.where(white, 255.0, 0.0), x)
+
+
+def _sign(x):
+    return tf.where(tf.random.uniform([tf.shape(x)[0], 1, 1, 1]) < 0.5, -1.0, 1.0)
+
+
+def _brightness(x, s):
+    return x + _sign(x) * s * 0.35 * 255.0
+
+
+def _lower_or_raise(x, factor):
+    return tf.where(_sign(x) > 0, factor, 2.0 - factor)
+
+
+def _contrast(x, s):
+    mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
+    return mean + (x - mean) * _lower_or_raise(x, 1.0 - 0.74 * s)
+
+
+def _saturation(x, s):
+    grey = tf.reduce_sum(x * [0.299, 0.587, 0.114], axis=3, keepdims=True)
+    return grey + (x - grey) * _lower_or_raise(x, 1.0 - 0.9 * s)
+
+
+def _hue(x, s):
+    """Turn the colour wheel by up to 60 degrees around the grey axis (luminance kept)."""
+    theta = tf.reshape(_sign(x) * s, [-1]) * (math.pi / 3)
+    c, n = tf.cos(theta), tf.sin(theta)
+    rows = [[0.213 + 0.787 * c - 0.213 * n, 0.715 - 0.715 * c - 0.715 * n, 0.072 - 0.072 * c + 0.928 * n],
+            [0.213 - 0.213 * c + 0.143 * n, 0.715 + 0.285 * c + 0.140 * n, 0.072 - 0.072 * c - 0.283 * n],
+            [0.213 - 0.213 * c - 0.787 * n, 0.715 - 0.715 * c + 0.715 * n, 0.072 + 0.928 * c + 0.072 * n]]
+    matrices = tf.stack([tf.stack(r, axis=1) for r in rows], axis=1)  # (B, 3, 3)
+    return tf.einsum("bhwc,bdc->bhwd", x, matrices)
+
+
+def _gamma(x, s):
+    exponent = tf.exp(_sign(x) * s * math.log(2.2))
+    return 255.0 * tf.pow(tf.clip_by_value(x, 0.0, 255.0) / 255.0, exponent)
+
+
+CHANNEL_ORDERS = ((0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+
+
+def _channel_swap(x, s):
+    orders = tf.gather(tf.constant(CHANNEL_ORDERS), tf.random.uniform([tf.shape(x)[0]], 0, 5, tf.int32))
+    swapped = tf.gather(x, orders, axis=3, batch_dims=1)
+    return x + (swapped - x) * s
+
+
+def _pixelate(x, s):
+    """Down to 25-100% of the side and back with nearest neighbour; one size per batch (resize is batch-wide)."""
+    size = tf.shape(x)[1:3]
+    fraction = 1.0 - 0.75 * tf.random.uniform([])
+    small = tf.maximum(1, tf.cast(tf.cast(size, tf.float32) * fraction, tf.int32))
+    low = tf.image.resize(x, small, method="area")
+    return tf.image.resize(low, size, method="nearest")
+
+
+def _grid_mask(x, s):
+    """Square holes on a regular grid (random period and offset), black or one flat colour."""
+    shape = tf.shape(x)
+    batch = shape[0]
+    period = tf.random.uniform([batch, 1, 1], 12, 33, tf.int32)
+    hole = tf.maximum(1, tf.cast(tf.cast(period, tf.float32) * tf.sqrt(s[:, :, :, 0] * 0.36), tf.int32))
+    oy = tf.random.uniform([batch, 1, 1], 0, 32, tf.int32)
+    ox = tf.random.uniform([batch, 1, 1], 0, 32, tf.int32)
+    rows, cols = tf.range(shape[1])[None, :, None], tf.range(shape[2])[None, None, :]
+    hidden = tf.cast(((rows + oy) % period < hole) & ((cols + ox) % period < hole), tf.float32)[..., None]
+    fill = tf.where(tf.random.uniform([batch, 1, 1, 1]) < 0.5, 0.0, tf.random.uniform([batch, 1, 1, 3], 0, 255))
+    return x * (1 - hidden) + fill * hidden
+
+
+def _patches(x, s):
+    """1 to 5 flat-colour rectangles (14-24% of the side), more of them at higher strength."""
+    shape = tf.shape(x)
+    batch, h, w = shape[0], shape[1], shape[2]
+    count = 1.0 + tf.floor(s[:, 0, 0, 0] * 4.999)
+    rows, cols = tf.range(h)[None, :, None], tf.range(w)[None, None, :]
+    out = x
+    for k in range(5):
+        side = tf.cast(tf.random.uniform([batch], 0.1, 0.3) * tf.cast(h, tf.float32), tf.int32)
+        top = tf.random.uniform([batch], 0, 1) * tf.cast(h - side, tf.float32)
+        left = tf.random.uniform([batch], 0, 1) * tf.cast(w - side, tf.float32)
+        top, left = tf.cast(top, tf.int32)[:, None, None], tf.cast(left, tf.int32)[:, None, None]
+        inside = ((rows >= top) & (rows < top + side[:, None, None]) &
+                  (cols >= left) & (cols < left + side[:, None, None]) & (float(k) < count)[:, None, None])
+        box = tf.cast(inside, tf.float32)[..., None]
+        out = out * (1 - box) + tf.random.uniform([batch, 1, 1, 3], 0, 255) * box
+    return out
+
+
+CORRUPTION_OPS = (_gaussian_noise, _salt_pepper, _brightness, _contrast, _saturation, _hue, _gamma,
+                  _channel_swap, _pixelate, _grid_mask, _patches)
+
+
+def corrupt(images: tf.Tensor, cfg: Config) -> tf.Tensor:
+    """With chance cfg.corrupt, give an image 1 to cfg.corrupt_ops distinct corruptions at random strengths.
+
+    The ops mirror the pseudo-private suite's noise, colour, compression and occlusion families; JPEG, shot noise
+    and motion/defocus blur stay out, so the suite also measures corruptions the model never trained on.
+    """
+    batch = tf.shape(images)[0]
+    n_ops = len(CORRUPTION_OPS)
+    chosen = tf.random.uniform([batch]) < cfg.corrupt
+    k = tf.random.uniform([batch], 1, cfg.corrupt_ops + 1, tf.int32)
+    scores = tf.random.uniform([batch, n_ops])
+    kth = tf.gather(tf.sort(scores, axis=1), k - 1, axis=1, batch_dims=1)  # the k lowest scores pick the ops
+    for j, op in enumerate(CORRUPTION_OPS):
+        rows = tf.where(chosen & (scores[:, j] <= kth))  # (m, 1): only these images pay for the op
+        picked = tf.gather_nd(images, rows)
+        strength = tf.random.uniform([tf.shape(rows)[0], 1, 1, 1]) * cfg.corrupt_strength
+        images = tf.tensor_scatter_nd_update(images, rows, tf.clip_by_value(op(picked, strength), 0.0, 255.0))
+    return images
+
+
 def mix(images: tf.Tensor, labels: tf.Tensor, cfg: Config) -> tuple[tf.Tensor, tf.Tensor]:
     """MixUp and/or CutMix inside a batch (half the batches each when both are on)."""
     batch = tf.shape(images)[0]
@@ -143,10 +278,18 @@ def mix(images: tf.Tensor, labels: tf.Tensor, cfg: Config) -> tuple[tf.Tensor, t
 
 def make_randaugment(cfg: Config):
     """keras-cv's RandAugment: it really changes images inside tf.data (Keras 3's own did not, in our check)."""
+    import keras
     import keras_cv
-    return keras_cv.layers.RandAugment(value_range=(0, 255), augmentations_per_image=cfg.randaugment_layers,
-                                       magnitude=cfg.randaugment_magnitude, rate=cfg.randaugment_rate,
-                                       seed=cfg.seed)
+    # Built under float32, whatever the training policy: its sub-layers take the global policy when created,
+    # and a bfloat16 one would clash with the float32 pipeline around it.
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        return keras_cv.layers.RandAugment(value_range=(0, 255), augmentations_per_image=cfg.randaugment_layers,
+                                           magnitude=cfg.randaugment_magnitude, rate=cfg.randaugment_rate,
+                                           seed=cfg.seed)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
 
 
 def augment_batch(images: tf.Tensor, cfg: Config, randaugment=None) -> tf.Tensor:
@@ -159,6 +302,8 @@ def augment_batch(images: tf.Tensor, cfg: Config, randaugment=None) -> tf.Tensor
         images = blur(images, cfg)
     if cfg.erase > 0:
         images = erase(images, cfg)
+    if cfg.corrupt > 0:
+        images = corrupt(images, cfg)
     return images
 
 

@@ -19,14 +19,45 @@ def log(msg: str) -> None:
 
 # ---- hardware, optimizers, callbacks ----------------------------------------------------------------
 
+def cpu_has_bfloat16() -> bool:
+    """True on CPUs with bfloat16 matrix units (AMX or AVX512-BF16), where oneDNN trains faster in bfloat16."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def precision_policy(cfg: Config, n_gpus: int) -> str:
+    """float16 on a GPU, bfloat16 on a CPU that computes it natively, else float32 (emulated bfloat16 is slower)."""
+    if not cfg.mixed_precision:
+        return "float32"
+    if n_gpus:
+        return "mixed_float16"
+    return "mixed_bfloat16" if cpu_has_bfloat16() else "float32"
+
+
 def hardware_strategy(cfg: Config):
-    """One device, or MirroredStrategy over several GPUs; mixed precision only where a GPU makes it pay."""
+    """One device, or MirroredStrategy over several GPUs, with the mixed precision the hardware makes pay."""
     import keras
     import tensorflow as tf
     gpus = tf.config.list_physical_devices("GPU")
-    keras.mixed_precision.set_global_policy("mixed_float16" if cfg.mixed_precision and gpus else "float32")
+    keras.mixed_precision.set_global_policy(precision_policy(cfg, len(gpus)))
     strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
     return strategy, len(gpus)
+
+
+def as_float32(model, cfg: Config):
+    """The same weights in a float32 build, for calibration, evaluation and export after mixed-precision training."""
+    import keras
+    from .models import build_model
+    if keras.mixed_precision.global_policy().name == "float32":
+        return model
+    keras.mixed_precision.set_global_policy("float32")
+    plain = build_model(cfg)
+    plain.set_weights(model.get_weights())
+    return plain
 
 
 def make_optimizer(name: str, learning_rate: float, weight_decay: float):
@@ -46,7 +77,8 @@ def make_optimizer(name: str, learning_rate: float, weight_decay: float):
     return table[name]()
 
 
-def _callbacks(cfg: Config, phase_dir: str, deadline: float):
+def _callbacks(cfg: Config, phase_dir: str, deadline: float, base_lr: float, epochs: int,
+               clock: "EpochClock | None" = None):
     import keras
 
     class BestWeights(keras.callbacks.Callback):
@@ -69,21 +101,76 @@ def _callbacks(cfg: Config, phase_dir: str, deadline: float):
                 os.replace(tmp, self.weights_path)
                 files.write_json(self.state_path, {"val_accuracy": score, "epoch": epoch + 1})
 
+    clock = clock or EpochClock(deadline)
+
     class TimeBudget(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            clock.begin()
+
         def on_epoch_end(self, epoch, logs=None):
-            if deadline and time.time() > deadline:
-                log(f"time budget reached after epoch {epoch + 1}: stopping with the best weights so far")
+            clock.end()
+            if clock.epochs_left() < 1:
+                log(f"time budget: no room for another epoch after epoch {epoch + 1}; "
+                    "stopping with the best weights so far")
                 self.model.stop_training = True
 
-    return [
-        keras.callbacks.BackupAndRestore(os.path.join(phase_dir, "backup")),
-        keras.callbacks.CSVLogger(os.path.join(phase_dir, "history.csv"), append=True),
+    class CosineDecay(keras.callbacks.Callback):
+        """Cosine decay of the learning rate to zero at the last epoch that fits, by count or by time budget.
+
+        Measured epoch times set the horizon, so a slow or shared machine still ends on a small learning rate
+        instead of being cut off at a large one.
+        """
+
+        def __init__(self, base_lr: float, epochs: int):
+            super().__init__()
+            self.base_lr, self.epochs = base_lr, epochs
+
+        def on_epoch_begin(self, epoch, logs=None):
+            last = min(self.epochs, epoch + clock.epochs_left())
+            self.model.optimizer.learning_rate = cosine_rate(self.base_lr, epoch, last)
+
+    common = [keras.callbacks.BackupAndRestore(os.path.join(phase_dir, "backup")),
+              keras.callbacks.CSVLogger(os.path.join(phase_dir, "history.csv"), append=True),
+              BestWeights(), TimeBudget()]
+    if cfg.schedule == "cosine":
+        return common + [CosineDecay(base_lr, epochs)]
+    if cfg.schedule != "plateau":
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; choose plateau or cosine")
+    return common + [
         keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=cfg.patience, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=cfg.lr_factor, patience=cfg.lr_patience,
                                           min_lr=1e-7, verbose=1),
-        BestWeights(),
-        TimeBudget(),
     ]
+
+
+def cosine_rate(base_lr: float, epoch: int, last_epoch: int) -> float:
+    """Half a cosine from base_lr at epoch 0 down to base_lr / 1000 at last_epoch and after."""
+    progress = min(1.0, epoch / max(1, last_epoch))
+    return max(base_lr * 0.5 * (1 + math.cos(math.pi * progress)), base_lr * 1e-3)
+
+
+class EpochClock:
+    """Times epochs and says how many more fit before a deadline (0 = no deadline: unlimited)."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self.durations: list[float] = []
+        self.started = 0.0
+
+    def begin(self) -> None:
+        self.started = time.time()
+
+    def end(self) -> None:
+        self.durations.append(time.time() - self.started)
+
+    def epochs_left(self) -> int:
+        if not self.deadline:
+            return 1 << 30
+        if not self.durations:
+            return 1 << 30 if time.time() < self.deadline else 0
+        # The slowest recent epoch, so the deadline holds when the machine slows down mid-run.
+        per_epoch = max(self.durations[-3:])
+        return max(0, int((self.deadline - time.time()) // per_epoch))
 
 
 def read_history(path: str) -> dict:
@@ -164,7 +251,7 @@ def fit(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray, train
         else:
             log(f"phase {phase}: {epochs} epochs of {steps} steps, lr {lr:g}, {len(fit_idx)} training images")
             model.fit(train_ds, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds,
-                      callbacks=_callbacks(cfg, phase_dir, deadline), class_weight=weights, verbose=verbose)
+                      callbacks=_callbacks(cfg, phase_dir, deadline, lr, epochs), class_weight=weights, verbose=verbose)
         best = os.path.join(phase_dir, "best.weights.h5")
         if os.path.exists(best):
             model.load_weights(best)
@@ -173,6 +260,7 @@ def fit(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray, train
             files.write_json(done, state)
         for k, v in read_history(os.path.join(phase_dir, "history.csv")).items():
             history.setdefault(k, []).extend(v)
+    model = as_float32(model, cfg)
     n_batches = max(1, min(steps, 4096 // cfg.batch_size))
     recalibrated = precise_batchnorm(model, train_ds.take(n_batches))
     if recalibrated:

@@ -8,18 +8,25 @@ from . import files
 from .config import Config, make_config
 
 # Each candidate adds to the one before, so the table reads as an ablation from "no augmentation" upwards.
-GEOMETRY_ONLY = dict(randaugment=False, contrast=0.0, brightness=0.0, saturation=0.0, hue=0.0, noise_std=0.0,
-                     erase=0.0, blur=0.0, mixup_alpha=0.0, cutmix_alpha=0.0)
-CANDIDATES: dict[str, dict] = {
-    "none": dict(GEOMETRY_ONLY, flip=False, rot90=False, rotation=0.0, zoom=0.0, shift=0.0),
-    "geometry": dict(GEOMETRY_ONLY),
-    "geometry+colour": dict(GEOMETRY_ONLY, contrast=0.2, brightness=0.15, saturation=0.3, noise_std=5.0),
-    "geometry+colour+randaugment": dict(randaugment=True, erase=0.0, blur=0.0, mixup_alpha=0.0, cutmix_alpha=0.0),
-    "+blur+erase": dict(randaugment=True, erase=0.5, blur=1.5, mixup_alpha=0.0, cutmix_alpha=0.0),
-    "strong (+hue, magnitude 0.5)": dict(randaugment=True, randaugment_magnitude=0.5, hue=0.05, erase=0.5, blur=1.5),
-    "strong+mixup/cutmix": dict(randaugment=True, randaugment_magnitude=0.5, hue=0.05, erase=0.5, blur=1.5,
-                                mixup_alpha=0.2, cutmix_alpha=1.0),
-}
+# Every augmentation field is set in every candidate, so the base profile's own recipe never leaks in.
+_OFF = dict(flip=False, rot90=False, rotation=0.0, zoom=0.0, shift=0.0, shear=0.0, black_fill=0.0,
+            randaugment=False, contrast=0.0, brightness=0.0, saturation=0.0, hue=0.0, noise_std=0.0, blur=0.0,
+            erase=0.0, corrupt=0.0, mixup_alpha=0.0, cutmix_alpha=0.0)
+_STEPS = [
+    ("none", {}),
+    ("geometry", dict(flip=True, rot90=True, rotation=0.5, zoom=0.1, shift=0.1)),
+    ("geometry+colour", dict(contrast=0.2, brightness=0.15, saturation=0.3, noise_std=5.0)),
+    ("geometry+colour+randaugment", dict(randaugment=True)),
+    ("+blur+erase", dict(erase=0.5, blur=1.5)),
+    ("+corruptions", dict(corrupt=0.5)),
+    ("+wide geometry", dict(zoom=0.6, shear=0.3, black_fill=0.3)),
+    ("+mixup/cutmix", dict(mixup_alpha=0.2, cutmix_alpha=1.0)),
+]
+CANDIDATES: dict[str, dict] = {}
+_so_far = dict(_OFF)
+for _name, _step in _STEPS:
+    _so_far = {**_so_far, **_step}
+    CANDIDATES[_name] = dict(_so_far)
 
 
 def tune(base: Config, budget_min: float, names: list[str] | None = None) -> list[dict]:
