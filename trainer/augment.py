@@ -197,7 +197,7 @@ def _grid_mask(x, s):
 
 
 def _patches(x, s):
-    """1 to 5 flat-colour rectangles (14-24% of the side), more of them at higher strength."""
+    """1 to 5 flat-colour squares (10-30% of the side), more of them at higher strength."""
     shape = tf.shape(x)
     batch, h, w = shape[0], shape[1], shape[2]
     count = 1.0 + tf.floor(s[:, 0, 0, 0] * 4.999)
