@@ -150,12 +150,9 @@ def _saturation(x, s):
 
 def _hue(x, s):
     """Turn the colour wheel by up to 60 degrees around the grey axis (luminance kept)."""
-    theta = tf.reshape(_sign(x) * s, [-1]) * (math.pi / 3)
-    c, n = tf.cos(theta), tf.sin(theta)
-    rows = [[0.213 + 0.787 * c - 0.213 * n, 0.715 - 0.715 * c - 0.715 * n, 0.072 - 0.072 * c + 0.928 * n],
-            [0.213 - 0.213 * c + 0.143 * n, 0.715 + 0.285 * c + 0.140 * n, 0.072 - 0.072 * c - 0.283 * n],
-            [0.213 - 0.213 * c - 0.787 * n, 0.715 - 0.715 * c + 0.715 * n, 0.072 + 0.928 * c + 0.072 * n]]
-    matrices = tf.stack([tf.stack(r, axis=1) for r in rows], axis=1)  # (B, 3, 3)
+    from .corrupt import HUE_LUMA, HUE_SIN  # the suite's own hue matrix, per image
+    theta = tf.reshape(_sign(x) * s, [-1, 1, 1]) * (math.pi / 3)
+    matrices = HUE_LUMA + tf.cos(theta) * (np.eye(3, dtype=np.float32) - HUE_LUMA) + tf.sin(theta) * HUE_SIN
     return tf.einsum("bhwc,bdc->bhwd", x, matrices)
 
 

@@ -158,14 +158,15 @@ def saturation(images, severity, rng):
     return _to_uint8(grey + (images - grey) * factor)
 
 
+# Hue rotation around the grey axis, keeping luminance: M = LUMA + cos * (I - LUMA) + sin * HUE_SIN.
+HUE_LUMA = np.array([[0.213, 0.715, 0.072]] * 3, dtype=np.float32)
+HUE_SIN = np.array([[-0.213, -0.715, 0.928], [0.143, 0.140, -0.283], [-0.787, 0.715, 0.072]], dtype=np.float32)
+
+
 def _hue_matrix(degrees):
     """RGB matrix that turns the hue by `degrees` around the grey axis, keeping luminance."""
     c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    return np.array([
-        [0.213 + 0.787 * c - 0.213 * s, 0.715 - 0.715 * c - 0.715 * s, 0.072 - 0.072 * c + 0.928 * s],
-        [0.213 - 0.213 * c + 0.143 * s, 0.715 + 0.285 * c + 0.140 * s, 0.072 - 0.072 * c - 0.283 * s],
-        [0.213 - 0.213 * c - 0.787 * s, 0.715 - 0.715 * c + 0.715 * s, 0.072 + 0.928 * c + 0.072 * s],
-    ], dtype=np.float32)
+    return (HUE_LUMA + c * (np.eye(3, dtype=np.float32) - HUE_LUMA) + s * HUE_SIN).astype(np.float32)
 
 
 def hue(images, severity, rng):
