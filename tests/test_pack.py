@@ -82,6 +82,12 @@ def test_refuses_a_run_without_a_model(submission_dir, data_path, tmp_path, prev
     assert_refused(done, previous, ["no model.onnx", "make train"])
 
 
+def test_refuses_a_zip_over_the_size_cap(submission_dir, data_path, previous):
+    # The real cap is 512 MiB (a ConvNeXtBase zip is about 350 MB and passes); a tiny cap makes the same check bite.
+    done = pack("--run", submission_dir, "--skip-benchmark", "--max-mib", 0.01, "--out", previous, data=data_path)
+    assert_refused(done, previous, ["over the 0.01 MiB", "smaller model"])
+
+
 def test_refuses_a_model_onnxruntime_cannot_load(submission_dir, data_path, tmp_path, previous):
     run = run_folder(submission_dir, tmp_path / "run", onnx_bytes=b"not an onnx model")
     done = pack("--run", run, "--skip-benchmark", "--out", previous, data=data_path)
