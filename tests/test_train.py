@@ -167,7 +167,7 @@ def test_cosine_schedule_decays_to_the_last_epoch_that_fits(tmp_path):
 
     def rates(clock, epochs=10):
         cosine = _callbacks(make_config("smoke", schedule="cosine"), str(tmp_path), clock.deadline, 0.1, epochs,
-                            clock)[-1]
+                            clock)[0]
         cosine.set_model(model)
         out = []
         for epoch in range(epochs):
@@ -188,6 +188,19 @@ def test_cosine_schedule_decays_to_the_last_epoch_that_fits(tmp_path):
     squeezed = rates(squeezed_clock)
     assert squeezed[1] < unlimited[1]
     assert squeezed[4] == pytest.approx(1e-4)  # past the last epoch that fits: the floor
+
+
+def test_cosine_schedule_logs_its_learning_rate_in_the_history(tmp_path):
+    from trainer.config import make_config
+    from trainer.train import EpochClock, _callbacks, cosine_rate
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(optimizer=keras.optimizers.Adam(0.1), loss="mse", metrics=["accuracy"])
+    x, y = np.ones((8, 4), "float32"), np.ones((8, 2), "float32")
+    callbacks = _callbacks(make_config("smoke", schedule="cosine"), str(tmp_path), 0.0, 0.1, 3, EpochClock(0.0))
+    model.fit(x, y, validation_data=(x, y), epochs=3, callbacks=callbacks, verbose=0)
+    with open(tmp_path / "history.csv") as fh:
+        logged = [float(row["learning_rate"]) for row in csv.DictReader(fh)]
+    assert logged == pytest.approx([cosine_rate(0.1, epoch, 3) for epoch in range(3)])
 
 
 def test_epoch_clock_counts_the_epochs_that_fit():

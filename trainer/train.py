@@ -127,15 +127,22 @@ def _callbacks(cfg: Config, phase_dir: str, deadline: float, base_lr: float, epo
 
         def on_epoch_begin(self, epoch, logs=None):
             last = min(self.epochs, epoch + clock.epochs_left())
-            self.model.optimizer.learning_rate = cosine_rate(self.base_lr, epoch, last)
+            self.rate = cosine_rate(self.base_lr, epoch, last)
+            self.model.optimizer.learning_rate = self.rate
 
-    common = [keras.callbacks.BackupAndRestore(os.path.join(phase_dir, "backup")),
-              keras.callbacks.CSVLogger(os.path.join(phase_dir, "history.csv"), append=True),
-              BestWeights(), TimeBudget()]
-    if cfg.schedule == "cosine":
-        return common + [CosineDecay(base_lr, epochs)]
-    if cfg.schedule != "plateau":
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is not None:
+                logs["learning_rate"] = self.rate  # for the CSV history, as ReduceLROnPlateau does
+
+    if cfg.schedule not in ("plateau", "cosine"):
         raise ValueError(f"unknown schedule {cfg.schedule!r}; choose plateau or cosine")
+    # The schedule goes first so that its learning_rate is in the logs when CSVLogger writes them.
+    schedule = [CosineDecay(base_lr, epochs)] if cfg.schedule == "cosine" else []
+    common = schedule + [keras.callbacks.BackupAndRestore(os.path.join(phase_dir, "backup")),
+                         keras.callbacks.CSVLogger(os.path.join(phase_dir, "history.csv"), append=True),
+                         BestWeights(), TimeBudget()]
+    if cfg.schedule == "cosine":
+        return common
     return common + [
         keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=cfg.patience, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=cfg.lr_factor, patience=cfg.lr_patience,
