@@ -197,6 +197,19 @@ def test_runs_sort_and_markdown(runs_dir):
     assert [line.split("|")[1].strip() for line in table[2:]] == ["alpha", "beta"]
 
 
+def test_runs_table_piped_into_head_ends_quietly(tmp_path):
+    """`python -m trainer runs | head`: the reader leaves after a few lines; no BrokenPipeError traceback."""
+    for i in range(1500):  # a table far larger than a pipe's buffer, so the writer meets the closed pipe
+        files.write_json(str(tmp_path / f"run-{i:04d}" / "config.json"), {"model": "vanilla_cnn", "optimizer": "nadam"})
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "runs", "--runs-dir", str(tmp_path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.stdout.readline().split()[:2] == [b"name", b"date"]
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
 def test_make_zip_packs_the_chosen_run(runs_dir, tmp_path):
     if not os.path.exists(os.path.join(ROOT, "benchmark", "pack.py")):
         pytest.skip("benchmark/pack.py (make zip) is not written yet")

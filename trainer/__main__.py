@@ -201,6 +201,10 @@ def main(argv=None) -> int:
     except (DataError, FileNotFoundError, ValueError, SubmissionError, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader left early (`python -m trainer runs | head`): stop quietly, as `head` expects.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
