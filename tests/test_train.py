@@ -142,6 +142,32 @@ def test_evaluate_command_reproduces_metrics(smoke_run, tmp_path):
         assert "views" in proc.stdout and "accuracy" in proc.stdout
 
 
+def test_evaluate_scores_each_corruption_alone(smoke_run, tmp_path):
+    """--per-corruption: every corruption at each severity asked for, and a cell the ONNX model reproduces."""
+    from trainer import corrupt
+    run = smoke_run[0]
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, "-m", "trainer", "evaluate", "--model", str(run), "--data",
+                           str(run / "holdout.npz"), "--views", "1", "--per-corruption", "--severities", "2,5",
+                           "--seed", "7", "--out", str(out)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = json.loads(out.read_text())["rows"][0]["per_corruption"]
+    assert list(table) == list(corrupt.CORRUPTIONS)
+    assert all(list(row) == ["2", "5"] and all(0 <= v <= 1 for v in row.values()) for row in table.values())
+    assert "accuracy per corruption, 1 view(s)" in proc.stdout and "grid_mask" in proc.stdout
+    holdout = np.load(run / "holdout.npz")
+    rotated = corrupt.apply(holdout["images"], "rotate", 5, np.random.default_rng(7 + 5))
+    session = ort.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"])
+    direct = (session.run(None, {"pixels": rotated.astype("float32")})[0].argmax(1) == holdout["labels"]).mean()
+    assert abs(table["rotate"]["5"] - direct) <= 1.0 / len(rotated) + 1e-9
+
+    refused = subprocess.run([sys.executable, "-m", "trainer", "evaluate", "--model", str(run), "--data",
+                              str(run / "holdout.npz"), "--per-corruption", "--severities", "0,6"],
+                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--severities takes numbers 1-5" in refused.stderr
+
+
 def test_tune_reports_the_trade_off_within_its_budget(tmp_path, data_path):
     proc = subprocess.run([sys.executable, "-m", "trainer", "tune", "--profile", "smoke", "--data", data_path,
                            "--runs-dir", str(tmp_path), "--name", "t", "--limit", "300", "--epochs", "1",

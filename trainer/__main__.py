@@ -75,13 +75,24 @@ def cmd_evaluate(args) -> int:
         images, _ = corrupt_mix(images, seed=args.seed)
         name += f" (corrupted, seed {args.seed})"
     views = [int(v) for v in args.views.split(",")]
-    rows = evaluate_exported(args.model, images, labels, views)
+    severities = [int(v) for v in args.severities.split(",")] if args.per_corruption else []
+    if severities and args.corrupt:
+        raise ValueError("--per-corruption applies one corruption at a time to the clean images; drop --corrupt")
+    if severities and labels is None:
+        raise ValueError(f"--per-corruption needs labels, and {args.data} has none")
+    if any(s not in range(1, 6) for s in severities):
+        raise ValueError(f"--severities takes numbers 1-5, like 1,3,5; got {args.severities}")
+    rows = evaluate_exported(args.model, images, labels, views, severities, args.seed)
     print(f"{args.model} on {name}: {len(images)} images")
     print(f"{'views':>5}  {'accuracy':>8}  {'macro F1':>8}  {'img/s':>8}")
     for r in rows:
         acc = f"{r['accuracy']:.4f}" if "accuracy" in r else "-"
         f1 = f"{r['macro_f1']:.4f}" if "macro_f1" in r else "-"
         print(f"{r['views']:>5}  {acc:>8}  {f1:>8}  {r['img_per_s']:>8.1f}")
+    for r in rows:
+        if "per_corruption" in r:
+            from .evaluate import corruption_table
+            print(f"\naccuracy per corruption, {r['views']} view(s):\n{corruption_table(r['per_corruption'])}")
     if args.out:
         from . import files
         files.write_json(args.out, {"model": args.model, "data": args.data, "corrupted": args.corrupt,
@@ -162,6 +173,9 @@ def main(argv=None) -> int:
     p.add_argument("--views", default="1,8", help="TTA views to try, comma-separated (default 1,8)")
     p.add_argument("--corrupt", action="store_true", help="score a corrupted copy (the pseudo-private test)")
     p.add_argument("--seed", type=int, default=42, help="seed of the corrupted copy (a run uses its config seed)")
+    p.add_argument("--per-corruption", action="store_true",
+                   help="also score each of the 21 corruptions alone, at each of --severities")
+    p.add_argument("--severities", default="1,3,5", help="severities for --per-corruption (default 1,3,5)")
     p.add_argument("--out", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_evaluate)
 

@@ -91,6 +91,30 @@ def robustness(predict, images: np.ndarray, labels: np.ndarray, seed: int, max_i
     return result
 
 
+def per_corruption(predict_labels, images: np.ndarray, labels: np.ndarray, severities=(1, 3, 5),
+                   seed: int = 0) -> dict:
+    """Accuracy under each single corruption at each severity: finds the one a family's average hides."""
+    from . import corrupt
+    table = {}
+    for name in corrupt.CORRUPTIONS:
+        table[name] = {}
+        for severity in severities:
+            altered = corrupt.apply(images, name, severity, np.random.default_rng(seed + severity))
+            table[name][str(severity)] = float((predict_labels(altered) == labels).mean())
+    return table
+
+
+def corruption_table(table: dict) -> str:
+    """per_corruption's result as aligned text: one row per corruption, one column per severity."""
+    from . import corrupt
+    family_of = {name: family for family, names in corrupt.FAMILIES.items() for name in names}
+    severities = list(next(iter(table.values())))
+    lines = [f"{'corruption':<16}{'family':<13}" + "".join(f"{'sev ' + s:>8}" for s in severities)]
+    for name, row in table.items():
+        lines.append(f"{name:<16}{family_of[name]:<13}" + "".join(f"{row[s]:>8.3f}" for s in severities))
+    return "\n".join(lines)
+
+
 def plot_curves(history: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -156,8 +180,10 @@ def load_submission(folder: str, name: str):
 
 
 def evaluate_exported(model_dir: str, images: np.ndarray, labels: np.ndarray | None,
-                      views_list=(1, 2, 4, 8)) -> list[dict]:
+                      views_list=(1, 2, 4, 8), corruption_severities=(), seed: int = 0) -> list[dict]:
     """Accuracy and speed of an exported model on images, once per number of TTA views.
+
+    With corruption_severities (and labels), each row also holds per_corruption's table for that many views.
 
     model_dir is a submission folder (with model.py), or a run folder whose model goes under submission/model.py.
     """
@@ -183,5 +209,8 @@ def evaluate_exported(model_dir: str, images: np.ndarray, labels: np.ndarray | N
             if labels is not None:
                 m = classification_metrics(labels, pred)
                 row.update(accuracy=m["accuracy"], macro_f1=m["macro_f1"])
+                if corruption_severities:
+                    row["per_corruption"] = per_corruption(model.predict, images, labels, corruption_severities,
+                                                           seed)
             rows.append(row)
     return rows
