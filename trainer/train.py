@@ -134,20 +134,19 @@ def _callbacks(cfg: Config, phase_dir: str, deadline: float, base_lr: float, epo
             if logs is not None:
                 logs["learning_rate"] = self.rate  # for the CSV history, as ReduceLROnPlateau does
 
-    if cfg.schedule not in ("plateau", "cosine"):
-        raise ValueError(f"unknown schedule {cfg.schedule!r}; choose plateau or cosine")
-    # The schedule goes first so that its learning_rate is in the logs when CSVLogger writes them.
-    schedule = [CosineDecay(base_lr, epochs)] if cfg.schedule == "cosine" else []
-    common = schedule + [keras.callbacks.BackupAndRestore(os.path.join(phase_dir, "backup")),
-                         keras.callbacks.CSVLogger(os.path.join(phase_dir, "history.csv"), append=True),
-                         BestWeights(), TimeBudget()]
     if cfg.schedule == "cosine":
-        return common
-    return common + [
-        keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=cfg.patience, restore_best_weights=True),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=cfg.lr_factor, patience=cfg.lr_patience,
-                                          min_lr=1e-7, verbose=1),
-    ]
+        # First, so that its learning_rate is in the logs when CSVLogger writes them.
+        before, after = [CosineDecay(base_lr, epochs)], []
+    elif cfg.schedule == "plateau":
+        before, after = [], [
+            keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=cfg.patience, restore_best_weights=True),
+            keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=cfg.lr_factor, patience=cfg.lr_patience,
+                                              min_lr=1e-7, verbose=1)]
+    else:
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; choose plateau or cosine")
+    return before + [keras.callbacks.BackupAndRestore(os.path.join(phase_dir, "backup")),
+                     keras.callbacks.CSVLogger(os.path.join(phase_dir, "history.csv"), append=True),
+                     BestWeights(), TimeBudget()] + after
 
 
 def cosine_rate(base_lr: float, epoch: int, last_epoch: int) -> float:
