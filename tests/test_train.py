@@ -113,14 +113,54 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, data_path):
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "".join(seen[-20:])
+    spent_before_kill = json.loads((runs / "r" / "run_time.json").read_text())["seconds"]
+    assert spent_before_kill > 0
     resumed = subprocess.run([sys.executable, "-m", "trainer", "train", "--resume", str(runs / "r")], cwd=ROOT,
                              env=ENV, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "Epoch 1/3" not in resumed.stdout and "Epoch 2/3" in resumed.stdout
+    assert "resuming: " in resumed.stdout
     with open(runs / "r" / "phase_train" / "history.csv") as fh:
         epochs = [int(row["epoch"]) for row in csv.DictReader(fh)]
     assert epochs == [0, 1, 2]
-    assert (runs / "r" / "metrics.json").exists()
+    metrics = json.loads((runs / "r" / "metrics.json").read_text())
+    assert metrics["train_seconds"] > spent_before_kill  # both processes' time, not only the last one's
+
+
+def test_resumed_run_gets_only_what_is_left_of_its_budget(tmp_path):
+    import time
+    from trainer.train import RunTime
+    fresh = RunTime(str(tmp_path))
+    assert fresh.before == 0.0 and fresh.deadline(0) == 0.0
+    assert fresh.deadline(10) == pytest.approx(time.time() + 600, abs=5)
+    (tmp_path / "run_time.json").write_text(json.dumps({"seconds": 540.0}))  # 9 minutes spent before a crash
+    resumed = RunTime(str(tmp_path))
+    assert resumed.seconds() >= 540.0
+    assert resumed.deadline(10) == pytest.approx(time.time() + 60, abs=5)  # one minute of ten left
+    resumed.save()
+    assert json.loads((tmp_path / "run_time.json").read_text())["seconds"] >= 540.0
+
+
+def test_spent_budget_keeps_the_best_weights_without_training(tmp_path, real_slice, capsys):
+    import time
+    from trainer.config import make_config
+    from trainer.models import build_model
+    from trainer.train import fit
+    cfg = make_config("smoke", epochs=2, steps_per_epoch=1, batch_size=8, randaugment=False, verbose=0)
+    images, labels = real_slice
+    train_idx, val_idx = np.arange(32), np.arange(32, 48)
+    fit(cfg, str(tmp_path), images, labels, train_idx, val_idx, deadline=0.0)
+    os.remove(tmp_path / "phase_train" / "done.json")  # as if the process died before finishing the phase
+    rows_before = (tmp_path / "phase_train" / "history.csv").read_text().count("\n")
+    best = build_model(cfg)
+    best.load_weights(str(tmp_path / "phase_train" / "best.weights.h5"))
+    capsys.readouterr()
+    model, _ = fit(cfg, str(tmp_path), images, labels, train_idx, val_idx, deadline=time.time() - 1.0)
+    assert "time budget is already spent" in capsys.readouterr().out
+    assert (tmp_path / "phase_train" / "history.csv").read_text().count("\n") == rows_before  # no new epoch
+    assert (tmp_path / "phase_train" / "done.json").exists()
+    for got, want in zip(model.trainable_weights, best.trainable_weights):  # precise BN moves only the statistics
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_evaluate_command_reproduces_metrics(smoke_run, tmp_path):

@@ -78,7 +78,7 @@ def make_optimizer(name: str, learning_rate: float, weight_decay: float):
 
 
 def _callbacks(cfg: Config, phase_dir: str, deadline: float, base_lr: float, epochs: int,
-               clock: "EpochClock | None" = None):
+               clock: "EpochClock | None" = None, on_epoch_end=None):
     import keras
 
     class BestWeights(keras.callbacks.Callback):
@@ -109,6 +109,8 @@ def _callbacks(cfg: Config, phase_dir: str, deadline: float, base_lr: float, epo
 
         def on_epoch_end(self, epoch, logs=None):
             clock.end()
+            if on_epoch_end is not None:
+                on_epoch_end()
             if clock.epochs_left() < 1:
                 log(f"time budget: no room for another epoch after epoch {epoch + 1}; "
                     "stopping with the best weights so far")
@@ -153,6 +155,28 @@ def cosine_rate(base_lr: float, epoch: int, last_epoch: int) -> float:
     """Half a cosine from base_lr at epoch 0 down to base_lr / 1000 at last_epoch and after."""
     progress = min(1.0, epoch / max(1, last_epoch))
     return max(base_lr * 0.5 * (1 + math.cos(math.pi * progress)), base_lr * 1e-3)
+
+
+class RunTime:
+    """Wall time of one run across resumes: earlier processes' seconds are kept in the run's run_time.json.
+
+    A resumed run then gets what is left of its time budget, not a fresh one, and reports its whole training time.
+    """
+
+    def __init__(self, out_dir: str):
+        self.path = os.path.join(out_dir, "run_time.json")
+        self.before = float(json.load(open(self.path))["seconds"]) if os.path.exists(self.path) else 0.0
+        self.started = time.time()
+
+    def seconds(self) -> float:
+        return self.before + time.time() - self.started
+
+    def deadline(self, budget_min: float) -> float:
+        """The wall-clock time at which the budget ends (0 = no budget)."""
+        return self.started - self.before + budget_min * 60 if budget_min else 0.0
+
+    def save(self) -> None:
+        files.write_json(self.path, {"seconds": round(self.seconds(), 1)})
 
 
 class EpochClock:
@@ -220,8 +244,10 @@ def precise_batchnorm(model, batches) -> int:
 # ---- one model ---------------------------------------------------------------------------------------
 
 def fit(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
-        val_idx: np.ndarray, deadline: float):
-    """Train one model on train_idx with early stopping on val_idx; resumes phases already on disk."""
+        val_idx: np.ndarray, deadline: float, on_epoch_end=None):
+    """Train one model on train_idx with early stopping on val_idx; resumes phases already on disk.
+
+    on_epoch_end, if given, is called after every epoch (the run records its time with it)."""
     import keras
     from .augment import eval_dataset, train_dataset
     from .models import build_model, unfreeze
@@ -254,10 +280,13 @@ def fit(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray, train
                           metrics=["accuracy"], jit_compile=jit)
         if os.path.exists(done):
             log(f"phase {phase}: already done, loading its best weights")
+        elif deadline and time.time() >= deadline and os.path.exists(os.path.join(phase_dir, "best.weights.h5")):
+            log(f"phase {phase}: the time budget is already spent; keeping the best weights so far")
         else:
             log(f"phase {phase}: {epochs} epochs of {steps} steps, lr {lr:g}, {len(fit_idx)} training images")
             model.fit(train_ds, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds,
-                      callbacks=_callbacks(cfg, phase_dir, deadline, lr, epochs), class_weight=weights, verbose=verbose)
+                      callbacks=_callbacks(cfg, phase_dir, deadline, lr, epochs, on_epoch_end=on_epoch_end),
+                      class_weight=weights, verbose=verbose)
         best = os.path.join(phase_dir, "best.weights.h5")
         if os.path.exists(best):
             model.load_weights(best)
@@ -323,6 +352,7 @@ def train(cfg: Config) -> dict:
     started = time.time()
     out_dir = run_dir_for(cfg)
     os.makedirs(out_dir, exist_ok=True)
+    run_time = RunTime(out_dir)
     try:
         files.write_json(os.path.join(out_dir, "config.json"), cfg.to_dict())
         log(f"run {cfg.name}: {out_dir}  (profile {cfg.profile}, model {cfg.model})")
@@ -339,13 +369,17 @@ def train(cfg: Config) -> dict:
         save_grid(images[train_idx[:16]], augmented_samples(images[train_idx[:16]], cfg, 16),
                   os.path.join(out_dir, "augmented.png"))
 
-        deadline = started + cfg.time_budget_min * 60 if cfg.time_budget_min else 0.0
+        deadline = run_time.deadline(cfg.time_budget_min)
+        if run_time.before:
+            log(f"resuming: {run_time.before / 60:.1f} min of training time already spent"
+                + (f" of the {cfg.time_budget_min:g}-minute budget" if cfg.time_budget_min else ""))
         if cfg.folds >= 2:
             pool = np.sort(np.concatenate([train_idx, val_idx]))
             models, fold_scores, history = [], [], {}
             for k, (tr, va) in enumerate(data.kfold(labels[pool], cfg.folds, cfg.seed)):
                 log(f"fold {k + 1}/{cfg.folds}")
-                m, h = fit(cfg, os.path.join(out_dir, f"fold{k}"), images, labels, pool[tr], pool[va], deadline)
+                m, h = fit(cfg, os.path.join(out_dir, f"fold{k}"), images, labels, pool[tr], pool[va], deadline,
+                           run_time.save)
                 fold_scores.append(float((ev.predict_probs(m, images[pool[va]]).argmax(1) == labels[pool[va]]).mean()))
                 models.append(m)
                 history = history or h
@@ -354,9 +388,10 @@ def train(cfg: Config) -> dict:
                   "std": float(np.std(fold_scores))}
             log(f"cross-validation: {cv['mean']:.4f} +- {cv['std']:.4f} over {cfg.folds} folds")
         else:
-            model, history = fit(cfg, out_dir, images, labels, train_idx, val_idx, deadline)
+            model, history = fit(cfg, out_dir, images, labels, train_idx, val_idx, deadline, run_time.save)
             cv = None
-        train_seconds = time.time() - started
+        run_time.save()
+        train_seconds = run_time.seconds()
 
         files.write_json(os.path.join(out_dir, "history.json"), history)
         ev.plot_curves(history, os.path.join(out_dir, "curves.png"))
