@@ -19,7 +19,8 @@ _STEPS = [
     ("geometry+colour+randaugment", dict(randaugment=True)),
     ("+blur+erase", dict(erase=0.5, blur=1.5)),
     ("+corruptions", dict(corrupt=0.5)),
-    ("+wide geometry", dict(zoom=0.6, shear=0.3, black_fill=0.3)),
+    ("+black borders", dict(black_fill=0.3)),
+    ("+wide geometry", dict(zoom=0.6, shear=0.3)),
     ("+mixup/cutmix", dict(mixup_alpha=0.2, cutmix_alpha=1.0)),
 ]
 CANDIDATES: dict[str, dict] = {}
