@@ -96,12 +96,22 @@ def test_augmentation_grid_png(tmp_path, batch):
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("op", augment.CORRUPTION_OPS, ids=lambda op: op.__name__.strip("_"))
+@pytest.mark.parametrize("op", augment.CORRUPTION_OPS + (augment._jpeg,), ids=lambda op: op.__name__.strip("_"))
 def test_each_corruption_op_keeps_shape_and_changes_images(batch, op):
     x = tf.constant(batch, tf.float32)
     out = tf.clip_by_value(op(x, tf.fill([len(batch), 1, 1, 1], 1.0)), 0.0, 255.0).numpy()
     check_range(out, len(batch))
     assert changed_share(batch, out) > 0.9, f"{op.__name__} at full strength left images unchanged"
+
+
+def test_jpeg_op_matches_the_suites_jpeg_and_is_a_switch(batch):
+    """At full strength the training op gives the suite's severity-5 JPEG (quality 7), within encoder rounding."""
+    from trainer.corrupt import jpeg
+    ours = augment._jpeg(tf.constant(batch, tf.float32), tf.fill([len(batch), 1, 1, 1], 1.0)).numpy()
+    suite = jpeg(batch, 5, np.random.default_rng(0)).astype(np.float32)
+    assert np.abs(ours - suite).mean() < 0.25 * np.abs(suite - batch).mean()
+    assert augment._jpeg not in augment.corruption_ops(make_config("cpu", corrupt_jpeg=False))
+    assert augment._jpeg in augment.corruption_ops(make_config("cpu", corrupt_jpeg=True))
 
 
 def test_corruption_stage_hits_the_chosen_share(batch):

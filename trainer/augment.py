@@ -212,23 +212,36 @@ def _patches(x, s):
     return out
 
 
+def _jpeg(x, s):
+    """JPEG round trip at quality 40 (s=0) down to 7 (s=1, the suite's severity 5), one quality per image."""
+    quality = tf.cast(tf.round(40.0 - 33.0 * s[:, 0, 0, 0]), tf.int32)
+    return tf.map_fn(lambda a: tf.image.adjust_jpeg_quality(a[0] / 255.0, a[1]) * 255.0,
+                     (tf.clip_by_value(x, 0.0, 255.0), quality), fn_output_signature=tf.float32)
+
+
 CORRUPTION_OPS = (_gaussian_noise, _salt_pepper, _brightness, _contrast, _saturation, _hue, _gamma,
                   _channel_swap, _pixelate, _grid_mask, _patches)
+
+
+def corruption_ops(cfg: Config) -> tuple:
+    return CORRUPTION_OPS + ((_jpeg,) if cfg.corrupt_jpeg else ())
 
 
 def corrupt(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     """With chance cfg.corrupt, give an image 1 to cfg.corrupt_ops distinct corruptions at random strengths.
 
-    The ops mirror the pseudo-private suite's noise, colour, compression and occlusion families; JPEG, shot noise
-    and motion/defocus blur stay out, so the suite also measures corruptions the model never trained on.
+    The ops mirror the pseudo-private suite's noise, colour, compression and occlusion families. Shot noise and
+    motion/defocus blur stay out, and JPEG too unless cfg.corrupt_jpeg, so the suite also measures corruptions the
+    model never trained on.
     """
+    ops = corruption_ops(cfg)
     batch = tf.shape(images)[0]
-    n_ops = len(CORRUPTION_OPS)
+    n_ops = len(ops)
     chosen = tf.random.uniform([batch]) < cfg.corrupt
     k = tf.random.uniform([batch], 1, cfg.corrupt_ops + 1, tf.int32)
     scores = tf.random.uniform([batch, n_ops])
     kth = tf.gather(tf.sort(scores, axis=1), k - 1, axis=1, batch_dims=1)  # the k lowest scores pick the ops
-    for j, op in enumerate(CORRUPTION_OPS):
+    for j, op in enumerate(ops):
         rows = tf.where(chosen & (scores[:, j] <= kth))  # (m, 1): only these images pay for the op
         picked = tf.gather_nd(images, rows)
         strength = tf.random.uniform([tf.shape(rows)[0], 1, 1, 1]) * cfg.corrupt_strength

@@ -57,6 +57,7 @@ class Config:
     corrupt: float = 0.0                 # chance an image gets the corruption stage (noise, colour, grid...); 0 = off
     corrupt_ops: int = 2                 # a corrupted image gets 1 to this many corruptions
     corrupt_strength: float = 1.0        # 1 = up to the suite's severity 5 (see trainer/corrupt.py)
+    corrupt_jpeg: bool = False           # JPEG artefacts in the corruption stage too; off, JPEG is a held-out test
     mixup_alpha: float = 0.0             # 0 = off
     cutmix_alpha: float = 0.0            # 0 = off
 
