@@ -114,6 +114,13 @@ def test_jpeg_op_matches_the_suites_jpeg_and_is_a_switch(batch):
     assert augment._jpeg in augment.corruption_ops(make_config("cpu", corrupt_jpeg=True))
 
 
+def test_jpeg_in_the_pipeline_survives_batches_without_a_jpeg_pick(real_slice):
+    """In tf.data most batches give the JPEG op few or no images; an empty pick must pass through."""
+    cfg = make_config("cpu", **{**OFF, "corrupt": 0.05, "corrupt_ops": 1, "corrupt_jpeg": True}, batch_size=4)
+    for x, _ in augment.train_dataset(real_slice[0][:64], real_slice[1][:64], cfg).take(16):
+        check_range(x.numpy(), 4)
+
+
 def test_corruption_stage_hits_the_chosen_share(batch):
     """corrupt=0.5 changes about half the images and leaves the rest bit-for-bit alone."""
     cfg = make_config("cpu", **{**OFF, "corrupt": 0.5, "corrupt_ops": 2})

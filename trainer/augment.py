@@ -215,8 +215,12 @@ def _patches(x, s):
 def _jpeg(x, s):
     """JPEG round trip at quality 40 (s=0) down to 7 (s=1, the suite's severity 5), one quality per image."""
     quality = tf.cast(tf.round(40.0 - 33.0 * s[:, 0, 0, 0]), tf.int32)
-    return tf.map_fn(lambda a: tf.image.adjust_jpeg_quality(a[0] / 255.0, a[1]) * 255.0,
-                     (tf.clip_by_value(x, 0.0, 255.0), quality), fn_output_signature=tf.float32)
+
+    def each():
+        return tf.map_fn(lambda a: tf.image.adjust_jpeg_quality(a[0] / 255.0, a[1]) * 255.0,
+                         (tf.clip_by_value(x, 0.0, 255.0), quality), fn_output_signature=tf.float32)
+    # In a graph, map_fn cannot stack an empty list of unknown-shape images: a batch with no JPEG pick skips it.
+    return tf.cond(tf.shape(x)[0] > 0, each, lambda: x)
 
 
 CORRUPTION_OPS = (_gaussian_noise, _salt_pepper, _brightness, _contrast, _saturation, _hue, _gamma,
