@@ -278,16 +278,16 @@ def fit(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray, train
         with strategy.scope():
             model.compile(optimizer=make_optimizer(cfg.optimizer, lr, cfg.weight_decay), loss=loss,
                           metrics=["accuracy"], jit_compile=jit)
+        best = os.path.join(phase_dir, "best.weights.h5")
         if os.path.exists(done):
             log(f"phase {phase}: already done, loading its best weights")
-        elif deadline and time.time() >= deadline and os.path.exists(os.path.join(phase_dir, "best.weights.h5")):
+        elif EpochClock(deadline).epochs_left() < 1 and os.path.exists(best):
             log(f"phase {phase}: the time budget is already spent; keeping the best weights so far")
         else:
             log(f"phase {phase}: {epochs} epochs of {steps} steps, lr {lr:g}, {len(fit_idx)} training images")
             model.fit(train_ds, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds,
                       callbacks=_callbacks(cfg, phase_dir, deadline, lr, epochs, on_epoch_end=on_epoch_end),
                       class_weight=weights, verbose=verbose)
-        best = os.path.join(phase_dir, "best.weights.h5")
         if os.path.exists(best):
             model.load_weights(best)
         if not os.path.exists(done):
