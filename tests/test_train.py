@@ -180,6 +180,22 @@ def test_evaluate_command_reproduces_metrics(smoke_run, tmp_path):
         assert [r["views"] for r in rows] == [1, 8]
         assert abs(rows[0]["accuracy"] - expected) <= 1.0 / n + 1e-9, (rows[0], expected)
         assert "views" in proc.stdout and "accuracy" in proc.stdout
+    # The corrupted pass also counts its errors by corruption: recount them from the ONNX model on the same copy.
+    from trainer import corrupt
+    holdout = np.load(run / "holdout.npz")
+    copy, recipes = corrupt.corrupt_mix(holdout["images"], seed=seed)
+    session = ort.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"])
+    wrong = session.run(None, {"pixels": copy.astype("float32")})[0].argmax(1) != holdout["labels"].ravel()
+    table = rows[0]["errors_by_corruption"]
+    assert sorted(table) == sorted(corrupt.CORRUPTIONS)
+    assert [r["wrong"] for r in table.values()] == sorted((r["wrong"] for r in table.values()), reverse=True)
+    for name in ("zoom", "jpeg", "channel_swap"):
+        got = [i for i, recipe in enumerate(recipes) if any(step[0] == name for step in recipe)]
+        hard = [i for i, recipe in enumerate(recipes) if (name, 4) in recipe or (name, 5) in recipe]
+        assert table[name]["images"] == len(got) and table[name]["images_sev45"] == len(hard)
+        assert abs(table[name]["wrong"] - int(wrong[got].sum())) <= 1, (name, table[name])  # ONNX vs model.py
+        assert abs(table[name]["wrong_sev45"] - int(wrong[hard].sum())) <= 1, (name, table[name])
+    assert "errors on the corrupted copy by the corruptions each image got, 1 view(s)" in proc.stdout
 
 
 def test_evaluate_scores_each_corruption_alone(smoke_run, tmp_path):

@@ -70,9 +70,10 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_exported
     images, labels = data.load_npz_images(args.data)
     name = os.path.basename(args.data)
+    recipes = None
     if args.corrupt:
         from .corrupt import corrupt_mix
-        images, _ = corrupt_mix(images, seed=args.seed)
+        images, recipes = corrupt_mix(images, seed=args.seed)
         name += f" (corrupted, seed {args.seed})"
     views = [int(v) for v in args.views.split(",")]
     severities = [int(v) for v in args.severities.split(",")] if args.per_corruption else []
@@ -82,7 +83,7 @@ def cmd_evaluate(args) -> int:
         raise ValueError(f"--per-corruption needs labels, and {args.data} has none")
     if any(s not in range(1, 6) for s in severities):
         raise ValueError(f"--severities takes numbers 1-5, like 1,3,5; got {args.severities}")
-    rows = evaluate_exported(args.model, images, labels, views, severities, args.seed)
+    rows = evaluate_exported(args.model, images, labels, views, severities, args.seed, recipes)
     print(f"{args.model} on {name}: {len(images)} images")
     print(f"{'views':>5}  {'accuracy':>8}  {'macro F1':>8}  {'img/s':>8}")
     for r in rows:
@@ -93,6 +94,10 @@ def cmd_evaluate(args) -> int:
         if "per_corruption" in r:
             from .evaluate import corruption_table
             print(f"\naccuracy per corruption, {r['views']} view(s):\n{corruption_table(r['per_corruption'])}")
+        if "errors_by_corruption" in r:
+            from .evaluate import errors_table
+            print(f"\nerrors on the corrupted copy by the corruptions each image got, {r['views']} view(s):\n"
+                  f"{errors_table(r['errors_by_corruption'])}")
     if args.out:
         from . import files
         files.write_json(args.out, {"model": args.model, "data": args.data, "corrupted": args.corrupt,

@@ -104,6 +104,40 @@ def per_corruption(predict_labels, images: np.ndarray, labels: np.ndarray, sever
     return table
 
 
+def errors_by_corruption(recipes: list, wrong: np.ndarray) -> dict:
+    """Per corruption of a corrupt_mix copy: how many images got it and how many of those the model got wrong,
+    in all and at severity 4-5, worst first.
+
+    An image with two corruptions counts for both, so the rows say which corruptions the errors come with; they
+    do not split the errors between them.
+    """
+    from . import corrupt
+    table = {name: {"images": 0, "wrong": 0, "images_sev45": 0, "wrong_sev45": 0} for name in corrupt.CORRUPTIONS}
+    for recipe, bad in zip(recipes, wrong):
+        for name, severity in recipe:
+            row = table[name]
+            row["images"] += 1
+            row["wrong"] += int(bad)
+            if severity >= 4:
+                row["images_sev45"] += 1
+                row["wrong_sev45"] += int(bad)
+    return dict(sorted(table.items(), key=lambda item: -item[1]["wrong"]))
+
+
+def errors_table(table: dict) -> str:
+    """errors_by_corruption's result as aligned text, one row per corruption."""
+    from . import corrupt
+    family_of = {name: family for family, names in corrupt.FAMILIES.items() for name in names}
+    header = (("images", 7), ("wrong", 7), ("rate", 7), ("sev 4-5", 9), ("wrong", 7), ("rate", 7))
+    lines = [f"{'corruption':<16}{'family':<13}" + "".join(f"{text:>{width}}" for text, width in header)]
+    for name, r in table.items():
+        rate = r["wrong"] / r["images"] if r["images"] else 0.0
+        rate45 = r["wrong_sev45"] / r["images_sev45"] if r["images_sev45"] else 0.0
+        lines.append(f"{name:<16}{family_of[name]:<13}{r['images']:>7}{r['wrong']:>7}{rate:>7.3f}"
+                     f"{r['images_sev45']:>9}{r['wrong_sev45']:>7}{rate45:>7.3f}")
+    return "\n".join(lines)
+
+
 def corruption_table(table: dict) -> str:
     """per_corruption's result as aligned text: one row per corruption, one column per severity."""
     from . import corrupt
@@ -180,10 +214,12 @@ def load_submission(folder: str, name: str):
 
 
 def evaluate_exported(model_dir: str, images: np.ndarray, labels: np.ndarray | None,
-                      views_list=(1, 2, 4, 8), corruption_severities=(), seed: int = 0) -> list[dict]:
+                      views_list=(1, 2, 4, 8), corruption_severities=(), seed: int = 0,
+                      recipes: list | None = None) -> list[dict]:
     """Accuracy and speed of an exported model on images, once per number of TTA views.
 
     With corruption_severities (and labels), each row also holds per_corruption's table for that many views.
+    With recipes (corrupt_mix's, for a corrupted copy) and labels, each row holds errors_by_corruption's table.
 
     model_dir is a submission folder (with model.py), or a run folder whose model goes under submission/model.py.
     """
@@ -209,6 +245,8 @@ def evaluate_exported(model_dir: str, images: np.ndarray, labels: np.ndarray | N
             if labels is not None:
                 m = classification_metrics(labels, pred)
                 row.update(accuracy=m["accuracy"], macro_f1=m["macro_f1"])
+                if recipes is not None:
+                    row["errors_by_corruption"] = errors_by_corruption(recipes, pred != labels)
                 if corruption_severities:
                     row["per_corruption"] = per_corruption(model.predict, images, labels, corruption_severities,
                                                            seed)
