@@ -351,6 +351,7 @@ FAMILIES = {
 }
 
 CORRUPTIONS = {name: globals()[name] for names in FAMILIES.values() for name in names}
+FAMILY_OF = {name: family for family, names in FAMILIES.items() for name in names}
 
 _ORDER = {name: i for i, name in enumerate(CORRUPTIONS)}
 

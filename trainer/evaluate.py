@@ -127,13 +127,12 @@ def errors_by_corruption(recipes: list, wrong: np.ndarray) -> dict:
 def errors_table(table: dict) -> str:
     """errors_by_corruption's result as aligned text, one row per corruption."""
     from . import corrupt
-    family_of = {name: family for family, names in corrupt.FAMILIES.items() for name in names}
     header = (("images", 7), ("wrong", 7), ("rate", 7), ("sev 4-5", 9), ("wrong", 7), ("rate", 7))
     lines = [f"{'corruption':<16}{'family':<13}" + "".join(f"{text:>{width}}" for text, width in header)]
     for name, r in table.items():
         rate = r["wrong"] / r["images"] if r["images"] else 0.0
         rate45 = r["wrong_sev45"] / r["images_sev45"] if r["images_sev45"] else 0.0
-        lines.append(f"{name:<16}{family_of[name]:<13}{r['images']:>7}{r['wrong']:>7}{rate:>7.3f}"
+        lines.append(f"{name:<16}{corrupt.FAMILY_OF[name]:<13}{r['images']:>7}{r['wrong']:>7}{rate:>7.3f}"
                      f"{r['images_sev45']:>9}{r['wrong_sev45']:>7}{rate45:>7.3f}")
     return "\n".join(lines)
 
@@ -141,11 +140,10 @@ def errors_table(table: dict) -> str:
 def corruption_table(table: dict) -> str:
     """per_corruption's result as aligned text: one row per corruption, one column per severity."""
     from . import corrupt
-    family_of = {name: family for family, names in corrupt.FAMILIES.items() for name in names}
     severities = list(next(iter(table.values())))
     lines = [f"{'corruption':<16}{'family':<13}" + "".join(f"{'sev ' + s:>8}" for s in severities)]
     for name, row in table.items():
-        lines.append(f"{name:<16}{family_of[name]:<13}" + "".join(f"{row[s]:>8.3f}" for s in severities))
+        lines.append(f"{name:<16}{corrupt.FAMILY_OF[name]:<13}" + "".join(f"{row[s]:>8.3f}" for s in severities))
     return "\n".join(lines)
 
 
