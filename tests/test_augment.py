@@ -96,7 +96,7 @@ def test_augmentation_grid_png(tmp_path, batch):
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("op", augment.CORRUPTION_OPS + (augment._jpeg,), ids=lambda op: op.__name__.strip("_"))
+@pytest.mark.parametrize("op", augment.CORRUPTION_OPS + (augment._jpeg, augment._zoom), ids=lambda op: op.__name__.strip("_"))
 def test_each_corruption_op_keeps_shape_and_changes_images(batch, op):
     x = tf.constant(batch, tf.float32)
     out = tf.clip_by_value(op(x, tf.fill([len(batch), 1, 1, 1], 1.0)), 0.0, 255.0).numpy()
@@ -112,6 +112,22 @@ def test_jpeg_op_matches_the_suites_jpeg_and_is_a_switch(batch):
     assert np.abs(ours - suite).mean() < 0.25 * np.abs(suite - batch).mean()
     assert augment._jpeg not in augment.corruption_ops(make_config("cpu", corrupt_jpeg=False))
     assert augment._jpeg in augment.corruption_ops(make_config("cpu", corrupt_jpeg=True))
+
+
+def test_zoom_op_scales_by_up_to_its_maximum_and_is_a_switch():
+    """At full strength a centred 20-pixel square becomes 20 * 1.6 or 20 / 1.6 wide, as the suite's severity-5 zoom."""
+    x = np.full((64, 96, 96, 3), 200.0, np.float32)
+    x[:, 38:58, 38:58] = 0.0
+    tf.random.set_seed(0)
+    out = augment._zoom(tf.constant(x), tf.fill([64, 1, 1, 1], 1.0), max_zoom=0.6).numpy()
+    centre = out[:, 20:76, 20:76, 0]  # inside the black border a zoom-out leaves (18 px at 1.6x)
+    sides = np.sqrt((centre < 100).sum(axis=(1, 2)))
+    assert set(np.round(sides).astype(int)) == {12, 32}  # 12.5 and 32, both directions drawn
+    weak = augment._zoom(tf.constant(x), tf.fill([64, 1, 1, 1], 0.5), max_zoom=0.6).numpy()[:, 20:76, 20:76, 0]
+    assert np.all(np.abs(np.sqrt((weak < 100).sum(axis=(1, 2))) - 20) < 6)  # half strength: 1.26x at most
+    names = lambda cfg: [getattr(op, "func", op) for op in augment.corruption_ops(cfg)]  # noqa: E731
+    assert augment._zoom not in names(make_config("cpu", corrupt_zoom=0.0))
+    assert augment._zoom in names(make_config("cpu", corrupt_zoom=0.6))
 
 
 def test_jpeg_in_the_pipeline_survives_batches_without_a_jpeg_pick(real_slice):

@@ -1,6 +1,7 @@
 """tf.data input pipelines: geometry, RandAugment, colour, blur, erasing, corruptions, then MixUp/CutMix."""
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -223,20 +224,41 @@ def _jpeg(x, s):
     return tf.cond(tf.shape(x)[0] > 0, each, lambda: x)
 
 
+def _zoom(x, s, max_zoom=0.6):
+    """Zoom in or out by up to 1 + max_zoom (0.6: the suite's severity 5), black or mirrored border per image.
+
+    Stage 1 keeps its zoom mild, because a wide zoom for every image costs clean accuracy; here only the share of
+    images the corruption stage picks sees the strong zooms the suite tests.
+    """
+    batch = tf.shape(x)[0]
+    size = tf.cast(tf.shape(x)[1], tf.float32)
+    scale = tf.exp(_sign(x)[:, 0, 0, 0] * s[:, 0, 0, 0] * math.log1p(max_zoom))
+    c = (size - 1) / 2
+    a = 1.0 / scale
+    zeros = tf.zeros([batch])
+    transforms = tf.stack([a, zeros, c - a * c, zeros, a, c - a * c, zeros, zeros], axis=1)
+
+    def warp(fill_mode):
+        return tf.raw_ops.ImageProjectiveTransformV3(images=x, transforms=transforms, output_shape=tf.shape(x)[1:3],
+                                                     interpolation="BILINEAR", fill_mode=fill_mode, fill_value=0.0)
+    return tf.where(_sign(x) > 0, warp("CONSTANT"), warp("REFLECT"))
+
+
 CORRUPTION_OPS = (_gaussian_noise, _salt_pepper, _brightness, _contrast, _saturation, _hue, _gamma,
                   _channel_swap, _pixelate, _grid_mask, _patches)
 
 
 def corruption_ops(cfg: Config) -> tuple:
-    return CORRUPTION_OPS + ((_jpeg,) if cfg.corrupt_jpeg else ())
+    zoom = (functools.partial(_zoom, max_zoom=cfg.corrupt_zoom),) if cfg.corrupt_zoom > 0 else ()
+    return CORRUPTION_OPS + ((_jpeg,) if cfg.corrupt_jpeg else ()) + zoom
 
 
 def corrupt(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     """With chance cfg.corrupt, give an image 1 to cfg.corrupt_ops distinct corruptions at random strengths.
 
-    The ops mirror the pseudo-private suite's noise, colour, compression and occlusion families. Shot noise and
-    motion/defocus blur stay out, and JPEG too unless cfg.corrupt_jpeg, so the suite also measures corruptions the
-    model never trained on.
+    The ops mirror the pseudo-private suite's noise, colour, compression and occlusion families, and its zoom
+    with cfg.corrupt_zoom. Shot noise and motion/defocus blur stay out, and JPEG too unless cfg.corrupt_jpeg, so
+    the suite also measures corruptions the model never trained on.
     """
     ops = corruption_ops(cfg)
     batch = tf.shape(images)[0]
