@@ -96,7 +96,8 @@ def test_augmentation_grid_png(tmp_path, batch):
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("op", augment.CORRUPTION_OPS + (augment._jpeg, augment._zoom), ids=lambda op: op.__name__.strip("_"))
+@pytest.mark.parametrize("op", augment.CORRUPTION_OPS + (augment._jpeg, augment._zoom),
+                         ids=lambda op: op.__name__.strip("_"))
 def test_each_corruption_op_keeps_shape_and_changes_images(batch, op):
     x = tf.constant(batch, tf.float32)
     out = tf.clip_by_value(op(x, tf.fill([len(batch), 1, 1, 1], 1.0)), 0.0, 255.0).numpy()
