@@ -13,6 +13,18 @@ from .data import NUM_CLASSES
 AUTOTUNE = tf.data.AUTOTUNE
 
 
+def affine_warp(images: tf.Tensor, a00, a01, a10, a11, dx, dy, fill_mode: str) -> tf.Tensor:
+    """Output pixel p samples the input at A @ (p - c) + c + d (per image, bilinear); borders mirrored or black."""
+    c = (tf.cast(tf.shape(images)[1], tf.float32) - 1) / 2
+    zeros = tf.zeros_like(a00)
+    transforms = tf.stack([a00, a01, c - a00 * c - a01 * c + dx,
+                           a10, a11, c - a10 * c - a11 * c + dy,
+                           zeros, zeros], axis=1)
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images, transforms=transforms, output_shape=tf.shape(images)[1:3],
+        interpolation="BILINEAR", fill_mode=fill_mode, fill_value=0.0)
+
+
 def geometry(images: tf.Tensor, cfg: Config, seed: tf.Tensor | None = None) -> tf.Tensor:
     """Stage 1 on a float batch: flips, 90-degree turns, then one affine warp (rotation, zoom, shift).
 
@@ -35,18 +47,12 @@ def geometry(images: tf.Tensor, cfg: Config, seed: tf.Tensor | None = None) -> t
     shear = tf.random.uniform([batch], -1.0, 1.0) * cfg.shear
     dx = tf.random.uniform([batch], -1.0, 1.0) * cfg.shift * size
     dy = tf.random.uniform([batch], -1.0, 1.0) * cfg.shift * size
-    # Output pixel p samples the input at A @ (p - c) + c + d, with A = rotation @ shear / scale.
+    # A = rotation @ shear / scale.
     cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale
     a00, a01, a10, a11 = cos, cos * shear - sin, sin, sin * shear + cos
-    c = (size - 1) / 2
-    transforms = tf.stack([a00, a01, c - a00 * c - a01 * c + dx,
-                           a10, a11, c - a10 * c - a11 * c + dy,
-                           tf.zeros([batch]), tf.zeros([batch])], axis=1)
 
     def warp(fill_mode):
-        return tf.raw_ops.ImageProjectiveTransformV3(
-            images=images, transforms=transforms, output_shape=tf.shape(images)[1:3],
-            interpolation="BILINEAR", fill_mode=fill_mode, fill_value=0.0)
+        return affine_warp(images, a00, a01, a10, a11, dx, dy, fill_mode)
 
     if cfg.black_fill <= 0:
         return warp("REFLECT")
@@ -230,17 +236,11 @@ def _zoom(x, s, max_zoom=0.6):
     Stage 1 keeps its zoom mild, because a wide zoom for every image costs clean accuracy; here only the share of
     images the corruption stage picks sees the strong zooms the suite tests.
     """
-    batch = tf.shape(x)[0]
-    size = tf.cast(tf.shape(x)[1], tf.float32)
-    scale = tf.exp(_sign(x)[:, 0, 0, 0] * s[:, 0, 0, 0] * math.log1p(max_zoom))
-    c = (size - 1) / 2
-    a = 1.0 / scale
-    zeros = tf.zeros([batch])
-    transforms = tf.stack([a, zeros, c - a * c, zeros, a, c - a * c, zeros, zeros], axis=1)
+    a = 1.0 / tf.exp(_sign(x)[:, 0, 0, 0] * s[:, 0, 0, 0] * math.log1p(max_zoom))  # scale > 1 zooms in
+    zeros = tf.zeros_like(a)
 
     def warp(fill_mode):
-        return tf.raw_ops.ImageProjectiveTransformV3(images=x, transforms=transforms, output_shape=tf.shape(x)[1:3],
-                                                     interpolation="BILINEAR", fill_mode=fill_mode, fill_value=0.0)
+        return affine_warp(x, a, zeros, zeros, a, zeros, zeros, fill_mode)
     return tf.where(_sign(x) > 0, warp("CONSTANT"), warp("REFLECT"))
 
 
