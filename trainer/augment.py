@@ -239,9 +239,11 @@ def _zoom(x, s, max_zoom=0.6):
     a = 1.0 / tf.exp(_sign(x)[:, 0, 0, 0] * s[:, 0, 0, 0] * math.log1p(max_zoom))  # scale > 1 zooms in
     zeros = tf.zeros_like(a)
 
+    black_border = _sign(x) > 0  # drawn apart from the zoom's direction
+
     def warp(fill_mode):
         return affine_warp(x, a, zeros, zeros, a, zeros, zeros, fill_mode)
-    return tf.where(_sign(x) > 0, warp("CONSTANT"), warp("REFLECT"))
+    return tf.where(black_border, warp("CONSTANT"), warp("REFLECT"))
 
 
 CORRUPTION_OPS = (_gaussian_noise, _salt_pepper, _brightness, _contrast, _saturation, _hue, _gamma,
