@@ -131,6 +131,28 @@ def test_zoom_op_scales_by_up_to_its_maximum_and_is_a_switch():
     assert augment._zoom in names(make_config("cpu", corrupt_zoom=0.6))
 
 
+def test_blur_op_matches_the_suites_gaussian_blur_per_image_and_is_a_switch(real_slice):
+    """Each image gets its own sigma: strength 1 is the suite's severity 5 (sigma 2.5), 0.72 its severity 4 (1.8)."""
+    from trainer.corrupt import gaussian_blur
+    batch = real_slice[0][:6]
+    strengths = tf.constant([1.0, 0.72, 0.0, 1.0, 0.72, 0.0])[:, None, None, None]
+    ours = augment._blur(tf.constant(batch, tf.float32), strengths, max_sigma=2.5).numpy()
+    rng = np.random.default_rng(0)
+    for rows, severity in (([0, 3], 5), ([1, 4], 4)):
+        suite = gaussian_blur(batch[rows], severity, rng).astype(np.float32)
+        assert np.abs(ours[rows] - suite).mean() < 0.1 * np.abs(suite - batch[rows]).mean()
+    np.testing.assert_allclose(ours[[2, 5]], batch[[2, 5]], atol=1e-3)  # strength 0 leaves the image alone
+    names = lambda cfg: [getattr(op, "func", op) for op in augment.corruption_ops(cfg)]  # noqa: E731
+    assert augment._blur not in names(make_config("cpu", corrupt_blur=0.0))
+    assert augment._blur in names(make_config("cpu", corrupt_blur=2.5))
+
+
+def test_blur_in_the_pipeline_survives_batches_without_a_blur_pick(real_slice):
+    cfg = make_config("cpu", **{**OFF, "corrupt": 0.05, "corrupt_ops": 1, "corrupt_blur": 2.5}, batch_size=4)
+    for x, _ in augment.train_dataset(real_slice[0][:64], real_slice[1][:64], cfg).take(16):
+        check_range(x.numpy(), 4)
+
+
 def test_jpeg_in_the_pipeline_survives_batches_without_a_jpeg_pick(real_slice):
     """In tf.data most batches give the JPEG op few or no images; an empty pick must pass through."""
     cfg = make_config("cpu", **{**OFF, "corrupt": 0.05, "corrupt_ops": 1, "corrupt_jpeg": True}, batch_size=4)

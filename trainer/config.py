@@ -59,6 +59,7 @@ class Config:
     corrupt_strength: float = 1.0        # 1 = up to the suite's severity 5 (see trainer/corrupt.py)
     corrupt_jpeg: bool = False           # JPEG artefacts in the corruption stage too; off, JPEG is a held-out test
     corrupt_zoom: float = 0.0            # a strong zoom in the corruption stage too: up to 1 + this in or out; 0 = off
+    corrupt_blur: float = 0.0            # a strong Gaussian blur in the corruption stage too: sigma up to this; 0 = off
     mixup_alpha: float = 0.0             # 0 = off
     cutmix_alpha: float = 0.0            # 0 = off
 
