@@ -147,15 +147,10 @@ def test_blur_op_matches_the_suites_gaussian_blur_per_image_and_is_a_switch(real
     assert augment._blur in names(make_config("cpu", corrupt_blur=2.5))
 
 
-def test_blur_in_the_pipeline_survives_batches_without_a_blur_pick(real_slice):
-    cfg = make_config("cpu", **{**OFF, "corrupt": 0.05, "corrupt_ops": 1, "corrupt_blur": 2.5}, batch_size=4)
-    for x, _ in augment.train_dataset(real_slice[0][:64], real_slice[1][:64], cfg).take(16):
-        check_range(x.numpy(), 4)
-
-
-def test_jpeg_in_the_pipeline_survives_batches_without_a_jpeg_pick(real_slice):
-    """In tf.data most batches give the JPEG op few or no images; an empty pick must pass through."""
-    cfg = make_config("cpu", **{**OFF, "corrupt": 0.05, "corrupt_ops": 1, "corrupt_jpeg": True}, batch_size=4)
+@pytest.mark.parametrize("switch", [{"corrupt_jpeg": True}, {"corrupt_blur": 2.5}], ids=["jpeg", "blur"])
+def test_ops_with_an_empty_pick_pass_through_the_pipeline(real_slice, switch):
+    """In tf.data most batches give the JPEG or strong-blur op few or no images; an empty pick must pass through."""
+    cfg = make_config("cpu", **{**OFF, "corrupt": 0.05, "corrupt_ops": 1, **switch}, batch_size=4)
     for x, _ in augment.train_dataset(real_slice[0][:64], real_slice[1][:64], cfg).take(16):
         check_range(x.numpy(), 4)
 

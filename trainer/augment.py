@@ -255,15 +255,15 @@ def _blur(x, s, max_sigma=2.5):
     sigma = tf.maximum(s[:, 0, 0, 0] * max_sigma, 0.1)  # 0.1: all weight on the centre tap, no division by zero
     offsets = tf.range(-radius, radius + 1, dtype=tf.float32)
     taps = tf.exp(-0.5 * tf.square(offsets[None, :] / sigma[:, None]))
-    taps = tf.repeat(taps / tf.reduce_sum(taps, axis=1, keepdims=True), 3, axis=0)  # (images * 3, taps)
+    taps = tf.transpose(tf.repeat(taps / tf.reduce_sum(taps, axis=1, keepdims=True), 3, axis=0))  # (taps, images*3)
 
     def each():
         # The images become the channels of one image, so a depthwise conv gives each its own kernel.
         shape = tf.shape(x)
         stacked = tf.reshape(tf.transpose(x, [1, 2, 0, 3]), [1, shape[1], shape[2], -1])
         padded = tf.pad(stacked, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="SYMMETRIC")
-        out = tf.nn.depthwise_conv2d(padded, tf.transpose(taps)[:, None, :, None], [1, 1, 1, 1], "VALID")
-        out = tf.nn.depthwise_conv2d(out, tf.transpose(taps)[None, :, :, None], [1, 1, 1, 1], "VALID")
+        out = tf.nn.depthwise_conv2d(padded, taps[:, None, :, None], [1, 1, 1, 1], "VALID")
+        out = tf.nn.depthwise_conv2d(out, taps[None, :, :, None], [1, 1, 1, 1], "VALID")
         return tf.transpose(tf.reshape(out, [shape[1], shape[2], shape[0], 3]), [2, 0, 1, 3])
     return tf.cond(tf.shape(x)[0] > 0, each, lambda: x)
 
