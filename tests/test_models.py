@@ -84,13 +84,43 @@ def test_registry_lists_the_issue_models():
 
 
 def test_gpu_profile_runs_a_few_steps_on_cpu(tmp_path, real_slice):
-    """The gpu profile's recipe (ConvNeXtBase at 224, both phases) trains here with weights=None."""
+    """The gpu profile's recipe (ConvNeXtBase at 224, NAdam, its augmentation) trains here with weights=None.
+
+    One phase only: tracing ConvNeXtBase's training step takes minutes on 2 cores, and the fine-tune phase is
+    the same step again; the next test covers the phase change on a small backbone."""
     from trainer.train import fit
-    cfg = make_config("gpu", weights="none", batch_size=2, epochs=1, steps_per_epoch=1, fine_tune_epochs=1,
+    cfg = make_config("gpu", weights="none", batch_size=2, epochs=1, steps_per_epoch=2, fine_tune_epochs=0,
                       randaugment=True)
     images, labels = real_slice
     model, history = fit(cfg, str(tmp_path), images, labels, np.arange(8), np.arange(8, 10), deadline=0.0)
-    assert len(history["accuracy"]) == 2  # one epoch per phase
-    assert (tmp_path / "phase_finetune" / "done.json").exists()
+    assert len(history["accuracy"]) == 1
+    assert (tmp_path / "phase_train" / "done.json").exists()
     assert backbone_of(model).input_shape == (None, 224, 224, 3)
     assert np.asarray(model(images[:2].astype(np.float32))).shape == (2, 8)
+
+
+def test_fine_tune_phase_trains_the_backbone_the_first_phase_kept_frozen(tmp_path, real_slice):
+    """Pretrained weights: phase 1 leaves the backbone as loaded; phase 2 trains it, BatchNorm excepted."""
+    from trainer.train import fit
+    path = str(tmp_path / "pretrained.weights.h5")
+    backbone_of(build_model(make_config("cpu", model="resnet50", weights="none", seed=5))).save_weights(path)
+    cfg = make_config("cpu", model="resnet50", weights=path, batch_size=4, epochs=1, steps_per_epoch=1,
+                      fine_tune_epochs=1, fine_tune_lr=1e-2, randaugment=False, time_budget_min=0.0)
+    images, labels = real_slice
+    model, history = fit(cfg, str(tmp_path / "run"), images, labels, np.arange(16), np.arange(16, 20), deadline=0.0)
+    assert len(history["accuracy"]) == 2  # one epoch per phase
+
+    def backbone_weights(model):
+        return {w.path: np.asarray(w) for w in backbone_of(model).weights}
+
+    loaded = backbone_weights(build_model(cfg))
+    after_phase_1 = build_model(cfg)
+    after_phase_1.load_weights(str(tmp_path / "run" / "phase_train" / "best.weights.h5"))
+    for name, value in backbone_weights(after_phase_1).items():
+        np.testing.assert_array_equal(value, loaded[name], err_msg=name)
+    changed = {name for name, value in backbone_weights(model).items() if not np.array_equal(value, loaded[name])}
+    batchnorm = {w.path for layer in backbone_of(model).layers if isinstance(layer, keras.layers.BatchNormalization)
+                 for w in layer.weights}
+    kernels = {name for name in loaded if name.endswith("kernel")}
+    assert not changed & batchnorm
+    assert len(changed & kernels) > len(kernels) // 2, f"{len(changed & kernels)} of {len(kernels)} kernels trained"
