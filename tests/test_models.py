@@ -87,7 +87,7 @@ def test_gpu_profile_runs_a_few_steps_on_cpu(tmp_path, real_slice):
     """The gpu profile's recipe (ConvNeXtBase at 224, NAdam, its augmentation) trains here with weights=None.
 
     One phase only: tracing ConvNeXtBase's training step takes minutes on 2 cores, and the fine-tune phase is
-    the same step again; the next test covers the phase change on a small backbone."""
+    the same step again; the next test covers the phase change, on ResNet50."""
     from trainer.train import fit
     cfg = make_config("gpu", weights="none", batch_size=2, epochs=1, steps_per_epoch=2, fine_tune_epochs=0,
                       randaugment=True)

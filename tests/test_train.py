@@ -163,6 +163,19 @@ def test_spent_budget_keeps_the_best_weights_without_training(tmp_path, real_sli
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+def test_budget_that_ends_early_says_how_many_epochs_fit(tmp_path, real_slice, capsys):
+    import time
+    from trainer.config import make_config
+    from trainer.train import fit
+    cfg = make_config("smoke", epochs=3, steps_per_epoch=1, batch_size=8, randaugment=False, verbose=0)
+    images, labels = real_slice
+    _, history = fit(cfg, str(tmp_path), images, labels, np.arange(32), np.arange(32, 48),
+                     deadline=time.time() - 1.0)  # spent already, but with no weights yet one epoch still runs
+    assert len(history["accuracy"]) == 1
+    out = capsys.readouterr().out
+    assert "no room for another epoch after epoch 1 of 3 (epochs of " in out and "--time-budget-min" in out
+
+
 def test_evaluate_command_reproduces_metrics(smoke_run, tmp_path):
     """ONNX through submission/model.py, identity view, scores the holdout as metrics.json says (clean and corrupted)."""
     run = smoke_run[0]

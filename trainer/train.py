@@ -112,8 +112,10 @@ def _callbacks(cfg: Config, phase_dir: str, deadline: float, base_lr: float, epo
             if on_epoch_end is not None:
                 on_epoch_end()
             if clock.epochs_left() < 1:
-                log(f"time budget: no room for another epoch after epoch {epoch + 1}; "
-                    "stopping with the best weights so far")
+                seconds = f"{min(clock.durations):.0f}-{max(clock.durations):.0f}"
+                log(f"time budget: no room for another epoch after epoch {epoch + 1} of {epochs} (epochs of "
+                    f"{seconds} s); stopping with the best weights so far. Fewer epochs usually score lower: "
+                    "a larger --time-budget-min fits more")
                 self.model.stop_training = True
 
     class CosineDecay(keras.callbacks.Callback):
