@@ -176,6 +176,21 @@ def test_budget_that_ends_early_says_how_many_epochs_fit(tmp_path, real_slice, c
     assert "no room for another epoch after epoch 1 of 3 (epochs of " in out and "--time-budget-min" in out
 
 
+def test_budget_forecast_after_the_first_epoch():
+    import time
+    from trainer.train import EpochClock, budget_forecast
+    clock = EpochClock(time.time() + 250)
+    clock.durations.append(100.0)  # room for two more 100 s epochs
+    line = budget_forecast(clock, 1, 80)
+    assert line is not None and "at 100 s an epoch, training will stop near epoch 3 of 80" in line
+    assert "--time-budget-min" in line
+    assert budget_forecast(clock, 1, 3) is None  # all three fit
+    assert budget_forecast(EpochClock(0.0), 1, 80) is None  # no budget
+    spent = EpochClock(time.time() - 1)
+    spent.durations.append(100.0)
+    assert budget_forecast(spent, 1, 80) is None  # the stop line covers it
+
+
 def test_evaluate_command_reproduces_metrics(smoke_run, tmp_path):
     """ONNX through submission/model.py, identity view, scores the holdout as metrics.json says (clean and corrupted)."""
     run = smoke_run[0]

@@ -140,11 +140,15 @@ def vanilla_cnn(x, cfg: Config):
         x = layers.BatchNormalization(momentum=0.9)(x)
         return layers.Activation("relu")(x)
 
+    if cfg.first_block_convs not in (1, 2):
+        raise ValueError(f"first_block_convs is {cfg.first_block_convs}; use 2 (the profiles' choice) or 1 "
+                         "(one convolution less at 48x48, about 1.2x faster epochs)")
     x = Preprocess("unit", name="preprocess")(x)
     x = conv_bn(x, cfg.width, strides=2)
     for i, mult in enumerate((1, 2, 4, 8)):
-        x = conv_bn(x, cfg.width * mult)
-        x = conv_bn(x, cfg.width * mult)
+        # The 48x48 block costs the most per image: one of its two convolutions is the cheap thing to drop.
+        for _ in range(cfg.first_block_convs if i == 0 else 2):
+            x = conv_bn(x, cfg.width * mult)
         if i < 3:
             x = layers.MaxPooling2D()(x)
     return x

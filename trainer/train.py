@@ -111,6 +111,10 @@ def _callbacks(cfg: Config, phase_dir: str, deadline: float, base_lr: float, epo
             clock.end()
             if on_epoch_end is not None:
                 on_epoch_end()
+            if len(clock.durations) == 1:
+                warning = budget_forecast(clock, epoch + 1, epochs)
+                if warning:
+                    log(warning)
             if clock.epochs_left() < 1:
                 seconds = f"{min(clock.durations):.0f}-{max(clock.durations):.0f}"
                 log(f"time budget: no room for another epoch after epoch {epoch + 1} of {epochs} (epochs of "
@@ -151,6 +155,21 @@ def _callbacks(cfg: Config, phase_dir: str, deadline: float, base_lr: float, epo
     return before + [keras.callbacks.BackupAndRestore(os.path.join(phase_dir, "backup")),
                      keras.callbacks.CSVLogger(os.path.join(phase_dir, "history.csv"), append=True),
                      BestWeights(), TimeBudget()] + after
+
+
+def budget_forecast(clock: "EpochClock", epochs_done: int, epochs: int) -> str | None:
+    """After the first epoch: how far the time budget will let the phase go, when it will not reach the end.
+
+    Said at once, so a slow machine shows in minutes, not at the end of the hour.
+    """
+    if not clock.deadline or not clock.durations:
+        return None
+    left = clock.epochs_left()
+    if left < 1 or epochs_done + left >= epochs:  # none left: the stop line says so; all fit: nothing to say
+        return None
+    last = epochs_done + left
+    return (f"time budget: at {clock.durations[-1]:.0f} s an epoch, training will stop near epoch {last} of "
+            f"{epochs}; fewer epochs usually score lower: a larger --time-budget-min or a faster machine fits more")
 
 
 def cosine_rate(base_lr: float, epoch: int, last_epoch: int) -> float:
