@@ -165,9 +165,9 @@ def budget_forecast(clock: "EpochClock", epochs_done: int, epochs: int) -> str |
     if not clock.deadline or not clock.durations:
         return None
     left = clock.epochs_left()
-    if left < 1 or epochs_done + left >= epochs:  # none left: the stop line says so; all fit: nothing to say
-        return None
     last = epochs_done + left
+    if left < 1 or last >= epochs:  # none left: the stop line says so; all fit: nothing to say
+        return None
     return (f"time budget: at {clock.durations[-1]:.0f} s an epoch, training will stop near epoch {last} of "
             f"{epochs}; fewer epochs usually score lower: a larger --time-budget-min or a faster machine fits more")
 
