@@ -228,19 +228,22 @@ def test_eight_views_are_the_eight_symmetries(tmp_path, submission_dir, real_sli
 def test_budget_for_about_three_views(tmp_path, submission_dir, real_slice):
     x = real_slice[0][:1024]
     model = new_model(tmp_path, submission_dir, chunk_size=128)
-    chosen = []
-    for _attempt in range(5):  # other jobs share this machine's cores: a timing taken just before may be off
+    attempts = []
+    # Other jobs share this machine's cores: the timing taken just before, or one slow chunk, may be off. An attempt
+    # passes with 2-4 views inside the budget; the test fails when none of five does.
+    for _attempt in range(5):
         model.settings["budget_per_image_s"] = 1e-9
         model.predict(x)  # identity only: the seconds per view per image on this machine, now
         model.settings["budget_per_image_s"] = 3.5 * model.tta_report["seconds_per_view_per_image"]
         labels = model.predict(x)
         report = model.tta_report
         assert labels.shape == (1024,) and report["views"] >= 1
-        assert report["predict_seconds"] <= report["budget_per_image_s"] * len(x), report
-        chosen.append(report["views"])
-        if 2 <= report["views"] <= 4:
+        share_used = report["predict_seconds"] / (report["budget_per_image_s"] * len(x))
+        attempts.append((report["views"], round(share_used, 3)))
+        if 2 <= report["views"] <= 4 and share_used <= 1.0:
             break
-    assert 2 <= chosen[-1] <= 4, f"views chosen per attempt: {chosen}"
+    views, share_used = attempts[-1]
+    assert 2 <= views <= 4 and share_used <= 1.0, f"(views, share of the budget used) per attempt: {attempts}"
 
 
 def test_budget_below_one_view_still_answers(tmp_path, submission_dir, real_slice):
