@@ -141,8 +141,8 @@ def vanilla_cnn(x, cfg: Config):
         return layers.Activation("relu")(x)
 
     if cfg.first_block_convs not in (1, 2):
-        raise ValueError(f"first_block_convs is {cfg.first_block_convs}; use 2 (the profiles' choice) or 1 "
-                         "(one convolution less at 48x48, about 1.2x faster epochs)")
+        raise ValueError(f"first_block_convs is {cfg.first_block_convs}; use 2 (the full block) or 1 "
+                         "(one convolution less at 48x48, about 1.2x faster epochs: the cpu profile's choice)")
     x = Preprocess("unit", name="preprocess")(x)
     x = conv_bn(x, cfg.width, strides=2)
     for i, mult in enumerate((1, 2, 4, 8)):
