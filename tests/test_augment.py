@@ -87,6 +87,21 @@ def test_train_dataset_batches(real_slice):
     assert float(tf.reduce_min(x)) >= 0 and float(tf.reduce_max(x)) <= 255
 
 
+def test_train_dataset_shrinks_batches_while_its_size_is_low(real_slice):
+    """Low-resolution training: batches come out at the size variable's value, read as they are made; at 96 they
+    are the images untouched."""
+    images = real_slice[0][:16]
+    size = tf.Variable(48, trainable=False, dtype=tf.int32)
+    ds = augment.train_dataset(images, real_slice[1][:16], make_config("cpu", **OFF, batch_size=16), size=size)
+    small = next(iter(ds))[0].numpy()
+    assert small.shape == (16, 48, 48, 3) and small.min() >= 0.0 and small.max() <= 255.0
+    # antialiased: each shrunk image keeps its original's mean colour
+    np.testing.assert_allclose(np.sort(small.mean((1, 2, 3))), np.sort(images.mean((1, 2, 3))), atol=1.0)
+    size.assign(96)
+    full = next(iter(ds))[0].numpy()  # a fresh iterator, so no prefetched small batch
+    np.testing.assert_array_equal(np.sort(full.sum((1, 2, 3))), np.sort(images.astype(np.float32).sum((1, 2, 3))))
+
+
 def test_augmentation_grid_png(tmp_path, batch):
     cfg = make_config("cpu")
     samples = augment.augmented_samples(batch, cfg, 8)

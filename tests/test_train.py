@@ -176,6 +176,72 @@ def test_budget_that_ends_early_says_how_many_epochs_fit(tmp_path, real_slice, c
     assert "no room for another epoch after epoch 1 of 3 (epochs of " in out and "--time-budget-min" in out
 
 
+def test_low_resolution_first_then_full_size(tmp_path, real_slice, capsys):
+    """--low-res-size: the first epochs train on shrunk images, the rest at 96; the model that comes out takes
+    96x96 and holds the trained weights, also when a finished run is run again."""
+    from trainer.config import make_config
+    from trainer.models import build_model
+    from trainer.train import fit
+    cfg = make_config("smoke", epochs=4, steps_per_epoch=2, batch_size=8, randaugment=False, verbose=0,
+                      schedule="cosine", low_res_size=48, low_res_share=0.5)
+    images, labels = real_slice
+    train_idx, val_idx = np.arange(64), np.arange(64, 80)
+    model, history = fit(cfg, str(tmp_path), images, labels, train_idx, val_idx, deadline=0.0)
+    out = capsys.readouterr().out
+    assert "resolution: 48x48 from epoch 1" in out and "resolution: 96x96 from epoch 3" in out
+    assert "at 48x48 for the first 50% of the epochs, then at 96x96" in out
+    assert len(history["accuracy"]) == 4
+    assert model.input_shape == (None, 96, 96, 3)
+    best = build_model(cfg)
+    best.load_weights(str(tmp_path / "phase_train" / "best.weights.h5"))
+    for got, want in zip(model.trainable_weights, best.trainable_weights):  # precise BN moves only the statistics
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    again, _ = fit(cfg, str(tmp_path), images, labels, train_idx, val_idx, deadline=0.0)  # phase done: no training
+    assert "already done" in capsys.readouterr().out and again.input_shape == (None, 96, 96, 3)
+    for got, want in zip(again.trainable_weights, best.trainable_weights):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_low_resolution_by_time_budget_sets_size_and_cosine_by_time(tmp_path):
+    """With a time budget, the switch to 96 and the cosine follow the share of the budget spent, not epochs:
+    low-resolution epochs are cheaper, so an epoch count would put the switch and the horizon in the wrong place."""
+    import time
+    import tensorflow as tf
+    from trainer.config import make_config
+    from trainer.train import EpochClock, _callbacks, budget_spent
+    cfg = make_config("smoke", schedule="cosine", time_budget_min=1.0, low_res_size=64, low_res_share=0.5)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(optimizer=keras.optimizers.Adam(0.1), loss="mse")
+    for left_s, spent, want_size in ((45.0, 0.25, 64), (30.0, 0.5, 96), (6.0, 0.9, 96)):
+        deadline = time.time() + left_s
+        assert budget_spent(deadline, 1.0) == pytest.approx(spent, abs=0.01)
+        size = tf.Variable(0, dtype=tf.int32)
+        cosine, resolution = _callbacks(cfg, str(tmp_path), deadline, 0.1, 80, EpochClock(deadline), size=size)[:2]
+        for callback in (cosine, resolution):
+            callback.set_model(model)
+            callback.on_epoch_begin(3)
+        assert int(size.numpy()) == want_size
+        rate = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+        assert rate == pytest.approx(0.05 * (1 + np.cos(np.pi * spent)), rel=0.02)
+
+
+def test_low_resolution_settings_that_cannot_work_are_refused():
+    from trainer.config import make_config
+    from trainer.train import check_low_res
+    check_low_res(make_config("cpu", low_res_size=64))
+    with pytest.raises(ValueError, match="low_res_size is 96; use a size from 32 to 95"):
+        check_low_res(make_config("cpu", low_res_size=96))
+    with pytest.raises(ValueError, match="low_res_share is 1.0; use a share between 0 and 1"):
+        check_low_res(make_config("cpu", low_res_size=64, low_res_share=1.0))
+    with pytest.raises(ValueError, match="vanilla_cnn at input_size 96, not resnet50 at 96; use --low-res-size 0"):
+        check_low_res(make_config("cpu", low_res_size=64, model="resnet50"))
+    with pytest.raises(ValueError, match="with --folds switches by epochs.*--time-budget-min 0"):
+        check_low_res(make_config("cpu", low_res_size=64, folds=5))
+    check_low_res(make_config("cpu", low_res_size=64, folds=5, time_budget_min=0))
+    with pytest.raises(ValueError, match="vanilla_cnn only, not resnet50"):
+        models.build_model(make_config("cpu", model="resnet50", weights="none"), any_size=True)
+
+
 def test_budget_forecast_after_the_first_epoch():
     import time
     from trainer.train import EpochClock, budget_forecast
@@ -333,7 +399,7 @@ def test_unknown_schedule_is_refused(tmp_path):
 def test_mixed_precision_model_becomes_float32_with_the_same_weights():
     """After bfloat16 training the model is rebuilt in float32, so calibration, evaluation and ONNX see float32."""
     from trainer.config import make_config
-    from trainer.train import as_float32, precision_policy
+    from trainer.train import for_inference, precision_policy
     cfg = make_config("smoke", mixed_precision=True)
     assert precision_policy(cfg, n_gpus=1) == "mixed_float16"
     assert precision_policy(make_config("smoke"), n_gpus=0) == "float32"
@@ -341,7 +407,7 @@ def test_mixed_precision_model_becomes_float32_with_the_same_weights():
     try:
         mixed = models.build_model(cfg)
         assert mixed.layers[2].compute_dtype == "bfloat16"
-        plain = as_float32(mixed, cfg)
+        plain = for_inference(mixed, cfg)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert all(layer.compute_dtype == "float32" for layer in plain.layers)

@@ -369,8 +369,12 @@ def augment_batch(images: tf.Tensor, cfg: Config, randaugment=None) -> tf.Tensor
 
 
 def train_dataset(images: np.ndarray, labels: np.ndarray, cfg: Config, sample_weights: np.ndarray | None = None,
-                  repeat: bool = True) -> tf.data.Dataset:
-    """Shuffled, augmented, batched (images float32 0-255, one-hot labels) with prefetch."""
+                  repeat: bool = True, size: tf.Variable | None = None) -> tf.data.Dataset:
+    """Shuffled, augmented, batched (images float32 0-255, one-hot labels) with prefetch.
+
+    size: when given, batches are downscaled to size x size after augmentation while it is below 96; it is read
+    as batches are made, so training can change it between epochs (a few prefetched batches lag behind).
+    """
     tf.random.set_seed(cfg.seed)
     onehot = np.eye(NUM_CLASSES, dtype=np.float32)[labels]
     parts = (images, onehot) if sample_weights is None else (images, onehot, sample_weights.astype(np.float32))
@@ -386,6 +390,12 @@ def train_dataset(images: np.ndarray, labels: np.ndarray, cfg: Config, sample_we
         y = batch[1]
         if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
             x, y = mix(x, y, cfg)
+        if size is not None:
+            # Augment at full size, so every strength means what it says, then shrink: antialiased, like a
+            # lower-resolution camera, and clipped, since rounding can leave 255.00003.
+            x = tf.cond(size < x.shape[1],
+                        lambda: tf.clip_by_value(tf.image.resize(x, tf.stack([size, size]), antialias=True), 0, 255),
+                        lambda: x)
         return (x, y) + tuple(batch[2:])
 
     return ds.map(apply, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)

@@ -93,6 +93,8 @@ class Config:
     mixed_precision: bool = False        # float16 on a GPU, bfloat16 on a CPU with AMX/AVX512-BF16, else off
     xla: bool = False                    # GPU only
     time_budget_min: float = 0.0         # stop training (keeping the best weights) after this many minutes; 0 = none
+    low_res_size: int = 0                # vanilla_cnn: train on images downscaled to this size first, then at 96; 0 = off
+    low_res_share: float = 0.5           # share of the time budget (of the epochs, without one) spent at low_res_size
 
     # evaluation
     robustness_images: int = 500         # images per family and severity in the robustness table; 0 = skip it

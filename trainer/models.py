@@ -154,12 +154,19 @@ def vanilla_cnn(x, cfg: Config):
     return x
 
 
-def build_model(cfg: Config) -> keras.Model:
-    """The classifier named by cfg.model: backbone, then pooling, Dense, dropout, Dense(8, softmax)."""
+def build_model(cfg: Config, any_size: bool = False) -> keras.Model:
+    """The classifier named by cfg.model: backbone, then pooling, Dense, dropout, Dense(8, softmax).
+
+    any_size: vanilla_cnn only, an input of any height and width, for training at low_res_size first; the same
+    weights go into a 96x96 build for everything after training.
+    """
     if cfg.model not in MODEL_NAMES:
         raise ValueError(f"unknown model {cfg.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if any_size and cfg.model != "vanilla_cnn":
+        raise ValueError(f"training at a low resolution first (--low-res-size) works with vanilla_cnn only, not "
+                         f"{cfg.model}; use --low-res-size 0 or --model vanilla_cnn")
     keras.utils.set_random_seed(cfg.seed)
-    inputs = keras.Input((96, 96, 3), name="pixels")  # raw 0-255 RGB
+    inputs = keras.Input((None, None, 3) if any_size else (96, 96, 3), name="pixels")  # raw 0-255 RGB
     x = inputs
     size = cfg.input_size
     if cfg.model == "vanilla_cnn":

@@ -48,11 +48,14 @@ def hardware_strategy(cfg: Config):
     return strategy, len(gpus)
 
 
-def as_float32(model, cfg: Config):
-    """The same weights in a float32 build, for calibration, evaluation and export after mixed-precision training."""
+def for_inference(model, cfg: Config):
+    """The same weights in a float32 96x96 build, for calibration, evaluation and export.
+
+    Training may have run in mixed precision or, with low_res_size, on an input of any size.
+    """
     import keras
     from .models import build_model
-    if keras.mixed_precision.global_policy().name == "float32":
+    if keras.mixed_precision.global_policy().name == "float32" and tuple(model.input_shape[1:3]) == (96, 96):
         return model
     keras.mixed_precision.set_global_policy("float32")
     plain = build_model(cfg)
@@ -77,8 +80,32 @@ def make_optimizer(name: str, learning_rate: float, weight_decay: float):
     return table[name]()
 
 
+def check_low_res(cfg: Config) -> None:
+    """Refuse low-resolution settings that cannot work, naming the fix."""
+    if not cfg.low_res_size:
+        return
+    if not 32 <= cfg.low_res_size < 96:
+        raise ValueError(f"low_res_size is {cfg.low_res_size}; use a size from 32 to 95 (64 is 1.9x cheaper "
+                         "an image than 96), or 0 to train at 96 throughout")
+    if not 0 < cfg.low_res_share < 1:
+        raise ValueError(f"low_res_share is {cfg.low_res_share}; use a share between 0 and 1, e.g. 0.5")
+    if cfg.model != "vanilla_cnn" or cfg.input_size != 96:
+        raise ValueError("training at a low resolution first (--low-res-size) works with vanilla_cnn at input_size "
+                         f"96, not {cfg.model} at {cfg.input_size}; use --low-res-size 0")
+    if cfg.folds >= 2 and cfg.time_budget_min:
+        # The folds share one budget, so a switch by the budget's share would leave the later folds no low epochs.
+        raise ValueError("--low-res-size with --folds switches by epochs, not by a shared time budget; use "
+                         "--time-budget-min 0 (and --epochs) with --folds, or drop --folds")
+
+
+def budget_spent(deadline: float, budget_min: float) -> float:
+    """Share of the run's time budget spent so far (a resume counts the minutes already spent)."""
+    budget_s = budget_min * 60
+    return (time.time() - (deadline - budget_s)) / budget_s
+
+
 def _callbacks(cfg: Config, phase_dir: str, deadline: float, base_lr: float, epochs: int,
-               clock: "EpochClock | None" = None, on_epoch_end=None):
+               clock: "EpochClock | None" = None, on_epoch_end=None, size=None):
     import keras
 
     class BestWeights(keras.callbacks.Callback):
@@ -102,6 +129,25 @@ def _callbacks(cfg: Config, phase_dir: str, deadline: float, base_lr: float, epo
                 files.write_json(self.state_path, {"val_accuracy": score, "epoch": epoch + 1})
 
     clock = clock or EpochClock(deadline)
+    # After the first full-size epoch, the time budget's forecast; low-resolution epochs would say too many.
+    forecast = {"epoch": None if size is not None else 0}
+
+    def spent(epoch: int) -> float:
+        return budget_spent(deadline, cfg.time_budget_min) if deadline else epoch / epochs
+
+    class Resolution(keras.callbacks.Callback):
+        """low_res_size for the first low_res_share of the time budget (or of the epochs), then 96."""
+
+        said = None
+
+        def on_epoch_begin(self, epoch, logs=None):
+            target = cfg.low_res_size if spent(epoch) < cfg.low_res_share else 96
+            size.assign(target)
+            if target != self.said:
+                self.said = target
+                log(f"resolution: {target}x{target} from epoch {epoch + 1}")
+            if target == 96 and forecast["epoch"] is None:
+                forecast["epoch"] = epoch
 
     class TimeBudget(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
@@ -111,7 +157,7 @@ def _callbacks(cfg: Config, phase_dir: str, deadline: float, base_lr: float, epo
             clock.end()
             if on_epoch_end is not None:
                 on_epoch_end()
-            if len(clock.durations) == 1:
+            if epoch == forecast["epoch"]:
                 warning = budget_forecast(clock, epoch + 1, epochs)
                 if warning:
                     log(warning)
@@ -134,8 +180,12 @@ def _callbacks(cfg: Config, phase_dir: str, deadline: float, base_lr: float, epo
             self.base_lr, self.epochs = base_lr, epochs
 
         def on_epoch_begin(self, epoch, logs=None):
-            last = min(self.epochs, epoch + clock.epochs_left())
-            self.rate = cosine_rate(self.base_lr, epoch, last)
+            if size is not None and deadline:
+                # Epochs change cost at the switch, so the horizon is counted in time, not in epochs.
+                self.rate = cosine_rate(self.base_lr, min(spent(epoch), 1.0), 1.0)
+            else:
+                last = min(self.epochs, epoch + clock.epochs_left())
+                self.rate = cosine_rate(self.base_lr, epoch, last)
             self.model.optimizer.learning_rate = self.rate
 
         def on_epoch_end(self, epoch, logs=None):
@@ -152,6 +202,8 @@ def _callbacks(cfg: Config, phase_dir: str, deadline: float, base_lr: float, epo
                                               min_lr=1e-7, verbose=1)]
     else:
         raise ValueError(f"unknown schedule {cfg.schedule!r}; choose plateau or cosine")
+    if size is not None:
+        before.append(Resolution())
     return before + [keras.callbacks.BackupAndRestore(os.path.join(phase_dir, "backup")),
                      keras.callbacks.CSVLogger(os.path.join(phase_dir, "history.csv"), append=True),
                      BestWeights(), TimeBudget()] + after
@@ -270,18 +322,21 @@ def fit(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray, train
 
     on_epoch_end, if given, is called after every epoch (the run records its time with it)."""
     import keras
+    import tensorflow as tf
     from .augment import eval_dataset, train_dataset
     from .models import build_model, unfreeze
 
+    check_low_res(cfg)
     strategy, n_gpus = hardware_strategy(cfg)
     jit = bool(cfg.xla and n_gpus)
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
     with strategy.scope():
-        model = build_model(cfg)
+        model = build_model(cfg, any_size=bool(cfg.low_res_size))
+    size = tf.Variable(cfg.low_res_size, trainable=False, dtype=tf.int32) if cfg.low_res_size else None
 
     fit_idx = data.oversample(train_idx, labels, cfg.seed) if cfg.balance == "oversample" else train_idx
     weights = data.class_weights(labels[train_idx]) if cfg.balance == "class_weights" else None
-    train_ds = train_dataset(images[fit_idx], labels[fit_idx], cfg)
+    train_ds = train_dataset(images[fit_idx], labels[fit_idx], cfg, size=size)
     val_ds = eval_dataset(images[val_idx], labels[val_idx], cfg.batch_size)
     steps = cfg.steps_per_epoch or math.ceil(len(fit_idx) / cfg.batch_size)
     verbose = cfg.verbose if cfg.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
@@ -305,9 +360,12 @@ def fit(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray, train
         elif EpochClock(deadline).epochs_left() < 1 and os.path.exists(best):
             log(f"phase {phase}: the time budget is already spent; keeping the best weights so far")
         else:
-            log(f"phase {phase}: {epochs} epochs of {steps} steps, lr {lr:g}, {len(fit_idx)} training images")
+            log(f"phase {phase}: {epochs} epochs of {steps} steps, lr {lr:g}, {len(fit_idx)} training images"
+                + (f"; at {cfg.low_res_size}x{cfg.low_res_size} for the first {cfg.low_res_share:.0%} of the "
+                   f"{'time budget' if deadline else 'epochs'}, then at 96x96" if size is not None else ""))
             model.fit(train_ds, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds,
-                      callbacks=_callbacks(cfg, phase_dir, deadline, lr, epochs, on_epoch_end=on_epoch_end),
+                      callbacks=_callbacks(cfg, phase_dir, deadline, lr, epochs, on_epoch_end=on_epoch_end,
+                                           size=size),
                       class_weight=weights, verbose=verbose)
         if os.path.exists(best):
             model.load_weights(best)
@@ -316,7 +374,9 @@ def fit(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray, train
             files.write_json(done, state)
         for k, v in read_history(os.path.join(phase_dir, "history.csv")).items():
             history.setdefault(k, []).extend(v)
-    model = as_float32(model, cfg)
+    if size is not None:
+        size.assign(96)  # precise BatchNorm below calibrates on full-size batches
+    model = for_inference(model, cfg)
     n_batches = max(1, min(steps, 4096 // cfg.batch_size))
     recalibrated = precise_batchnorm(model, train_ds.take(n_batches))
     if recalibrated:
