@@ -182,7 +182,7 @@ def _callbacks(cfg: Config, phase_dir: str, deadline: float, base_lr: float, epo
         def on_epoch_begin(self, epoch, logs=None):
             if size is not None and deadline:
                 # Epochs change cost at the switch, so the horizon is counted in time, not in epochs.
-                self.rate = cosine_rate(self.base_lr, min(spent(epoch), 1.0), 1.0)
+                self.rate = cosine_rate(self.base_lr, spent(epoch), 1.0)  # cosine_rate holds at the floor past 1
             else:
                 last = min(self.epochs, epoch + clock.epochs_left())
                 self.rate = cosine_rate(self.base_lr, epoch, last)
