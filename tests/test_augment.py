@@ -49,6 +49,35 @@ def test_each_stage_keeps_range_and_changes_images(batch, stage, share):
     assert changed_share(batch, out) > share, f"{stage} changed too few images"
 
 
+def test_flips_and_turns_are_exact_symmetries_and_reach_all_eight(batch):
+    """Folded into the warp, flips and 90-degree turns still give each image one of its 8 symmetries exactly."""
+    cfg = make_config("cpu", **{**OFF, "flip": True, "rot90": True})
+    tf.random.set_seed(1)
+    images = np.repeat(batch[:4], 16, axis=0).astype(np.float32)
+    out = augment.geometry(tf.constant(images), cfg).numpy()
+    seen = set()
+    for image, view in zip(images, out):
+        views = [np.rot90(image, k) for k in range(4)] + [np.rot90(image[:, ::-1], k) for k in range(4)]
+        matches = [k for k, v in enumerate(views) if np.abs(v - view).max() < 1e-3]
+        assert matches, "a flipped or turned image is not one of its symmetries"
+        seen.add(matches[0])
+    assert seen == set(range(8))
+
+
+def test_blur_matrix_equals_a_mirrored_border_convolution(batch):
+    sigma = 1.5
+    radius = int(np.ceil(2 * sigma))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps /= taps.sum()
+    image = batch[0].astype(np.float64)
+    padded = np.pad(image, [(radius, radius), (radius, radius), (0, 0)], mode="reflect")
+    expected = np.apply_along_axis(lambda v: np.convolve(v, taps, "valid"), 0, padded)
+    expected = np.apply_along_axis(lambda v: np.convolve(v, taps, "valid"), 1, expected)
+    matrix = augment.reflect_blur_matrix(96, sigma).astype(np.float64)
+    np.testing.assert_allclose(np.einsum("ij,jkc->ikc", matrix, np.einsum("kl,ilc->ikc", matrix, image)),
+                               expected, atol=1e-3)
+
+
 def test_randaugment_really_changes_images_inside_tf_data(batch):
     """keras-cv's RandAugment, mapped over a tf.data pipeline as the trainer runs it."""
     cfg = make_config("cpu", **{**OFF, "randaugment": True, "randaugment_rate": 1.0})

@@ -26,30 +26,38 @@ def affine_warp(images: tf.Tensor, a00, a01, a10, a11, dx, dy, fill_mode: str) -
 
 
 def geometry(images: tf.Tensor, cfg: Config, seed: tf.Tensor | None = None) -> tf.Tensor:
-    """Stage 1 on a float batch: flips, 90-degree turns, then one affine warp (rotation, zoom, shift).
+    """Stage 1 on a float batch: flips and 90-degree turns, rotation, zoom, shear and shift, as one affine warp.
 
-    Blood cells have no orientation, so every symmetry of the square is a free, label-preserving view.
+    Blood cells have no orientation, so every symmetry of the square is a free, label-preserving view. The
+    symmetries are folded into the warp's matrix: one resampling pass, not a copy of the batch per flip.
     """
     batch = tf.shape(images)[0]
     size = tf.cast(tf.shape(images)[1], tf.float32)
-    if cfg.flip:
-        flip = tf.random.uniform([batch, 1, 1, 1]) < 0.5
-        images = tf.where(flip, tf.reverse(images, axis=[2]), images)
-    if cfg.rot90:
-        transpose = tf.random.uniform([batch, 1, 1, 1]) < 0.5  # transpose + flip = all 8 symmetries
-        images = tf.where(transpose, tf.transpose(images, [0, 2, 1, 3]), images)
-        flip_v = tf.random.uniform([batch, 1, 1, 1]) < 0.5
-        images = tf.where(flip_v, tf.reverse(images, axis=[1]), images)
-    if cfg.rotation <= 0 and cfg.zoom <= 0 and cfg.shift <= 0 and cfg.shear <= 0:
+    if not (cfg.flip or cfg.rot90) and cfg.rotation <= 0 and cfg.zoom <= 0 and cfg.shift <= 0 and cfg.shear <= 0:
         return images
     angle = tf.random.uniform([batch], -1.0, 1.0) * cfg.rotation * 2 * math.pi
     scale = tf.exp(tf.random.uniform([batch], -1.0, 1.0) * math.log1p(cfg.zoom))  # zoom in and out alike
     shear = tf.random.uniform([batch], -1.0, 1.0) * cfg.shear
     dx = tf.random.uniform([batch], -1.0, 1.0) * cfg.shift * size
     dy = tf.random.uniform([batch], -1.0, 1.0) * cfg.shift * size
-    # A = rotation @ shear / scale.
+    # A = rotation @ shear / scale, acting on (x, y) = (column, row).
     cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale
     a00, a01, a10, a11 = cos, cos * shear - sin, sin, sin * shear + cos
+
+    def coin():
+        return tf.random.uniform([batch]) < 0.5
+
+    # A symmetry D of the square, then the warp: the image is sampled at D (A (p - c) + d) + c.
+    if cfg.rot90:  # transpose, then a flip of x and one of y: all 8 symmetries
+        transpose = coin()
+        a00, a01, a10, a11 = (tf.where(transpose, a10, a00), tf.where(transpose, a11, a01),
+                              tf.where(transpose, a00, a10), tf.where(transpose, a01, a11))
+        dx, dy = tf.where(transpose, dy, dx), tf.where(transpose, dx, dy)
+        flip_y = tf.where(coin(), -1.0, 1.0)
+        a10, a11, dy = a10 * flip_y, a11 * flip_y, dy * flip_y
+    if cfg.flip:
+        flip_x = tf.where(coin(), -1.0, 1.0)
+        a00, a01, dx = a00 * flip_x, a01 * flip_x, dx * flip_x
 
     def warp(fill_mode):
         return affine_warp(images, a00, a01, a10, a11, dx, dy, fill_mode)
@@ -84,19 +92,36 @@ def colour(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     return tf.clip_by_value(images, 0.0, 255.0)
 
 
+def reflect_blur_matrix(n: int, sigma: float) -> np.ndarray:
+    """(n, n) matrix M with M @ v = v blurred by a Gaussian of this sigma, with borders mirrored (no edge repeat)."""
+    radius = max(1, int(math.ceil(2 * sigma)))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps /= taps.sum()
+    matrix = np.zeros((n, n))
+    for i in range(n):
+        for offset, weight in zip(range(-radius, radius + 1), taps):
+            j = abs(i + offset)                  # mirror at the top ...
+            j = 2 * (n - 1) - j if j > n - 1 else j  # ... and at the bottom
+            matrix[i, j] += weight
+    return matrix.astype(np.float32)
+
+
 def blur(images: tf.Tensor, cfg: Config) -> tf.Tensor:
-    """Gaussian blur of random strength: a random blend of each image with its blur at sigma cfg.blur."""
-    radius = max(1, int(math.ceil(2 * cfg.blur)))
-    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / cfg.blur) ** 2)
-    taps = (taps / taps.sum()).astype(np.float32)
-    rows = tf.constant(np.tile(taps[:, None, None, None], (1, 1, 3, 1)))
-    cols = tf.constant(np.tile(taps[None, :, None, None], (1, 1, 3, 1)))
-    padded = tf.pad(images, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="REFLECT")
-    blurred = tf.nn.depthwise_conv2d(padded, rows, [1, 1, 1, 1], "VALID")
-    blurred = tf.nn.depthwise_conv2d(blurred, cols, [1, 1, 1, 1], "VALID")
+    """Gaussian blur of random strength: a random blend of each image with its blur at sigma cfg.blur.
+
+    The separable blur runs as two small matrix products (rows, then columns): about 3x faster on a CPU than
+    depthwise convolutions, which leaves more of the two cores to training.
+    """
+    height, width = images.shape[1], images.shape[2]
+    if height is None or width is None:
+        raise ValueError("the blur stage needs batches of a known image size")
+    rows = tf.constant(reflect_blur_matrix(height, cfg.blur))
+    cols = tf.constant(reflect_blur_matrix(width, cfg.blur))
+    blurred = tf.einsum("ij,bjkc->bikc", rows, images)
+    blurred = tf.einsum("kl,bilc->bikc", cols, blurred)
     batch = tf.shape(images)[0]
     amount = tf.random.uniform([batch, 1, 1, 1]) * tf.cast(tf.random.uniform([batch, 1, 1, 1]) < 0.5, tf.float32)
-    return images + (blurred - images) * amount
+    return tf.clip_by_value(images + (blurred - images) * amount, 0.0, 255.0)  # sums can round past 255
 
 
 def erase(images: tf.Tensor, cfg: Config) -> tf.Tensor:
