@@ -49,33 +49,66 @@ def test_each_stage_keeps_range_and_changes_images(batch, stage, share):
     assert changed_share(batch, out) > share, f"{stage} changed too few images"
 
 
-def test_flips_and_turns_are_exact_symmetries_and_reach_all_eight(batch):
-    """Folded into the warp, flips and 90-degree turns still give each image one of its 8 symmetries exactly."""
-    cfg = make_config("cpu", **{**OFF, "flip": True, "rot90": True})
+def dihedral_views(image: np.ndarray) -> list[np.ndarray]:
+    """The 8 symmetries of a square image: the 4 turns, then the 4 turns of its mirror."""
+    return [np.rot90(image, k) for k in range(4)] + [np.rot90(image[:, ::-1], k) for k in range(4)]
+
+
+@pytest.mark.parametrize("flip, rot90, expected", [
+    (True, True, set(range(8))),  # all 8 symmetries
+    (False, True, {0, 1, 2, 3}),  # the 4 turns, no mirror
+    (True, False, {0, 4}),        # identity and the left-right mirror
+])
+def test_flips_and_turns_are_exact_symmetries_drawn_evenly(batch, flip, rot90, expected):
+    """Folded into the warp, flips and turns give each image one of its symmetries exactly, each equally often."""
+    cfg = make_config("cpu", **{**OFF, "flip": flip, "rot90": rot90})
     tf.random.set_seed(1)
-    images = np.repeat(batch[:4], 16, axis=0).astype(np.float32)
+    images = np.repeat(batch[:4], 64, axis=0).astype(np.float32)
     out = augment.geometry(tf.constant(images), cfg).numpy()
-    seen = set()
+    counts = dict.fromkeys(range(8), 0)
     for image, view in zip(images, out):
-        views = [np.rot90(image, k) for k in range(4)] + [np.rot90(image[:, ::-1], k) for k in range(4)]
-        matches = [k for k, v in enumerate(views) if np.abs(v - view).max() < 1e-3]
+        matches = [k for k, v in enumerate(dihedral_views(image)) if np.abs(v - view).max() < 1e-3]
         assert matches, "a flipped or turned image is not one of its symmetries"
-        seen.add(matches[0])
-    assert seen == set(range(8))
+        counts[matches[0]] += 1
+    assert {k for k, c in counts.items() if c} == expected
+    for k in expected:  # 256 draws: each symmetry near its even share
+        assert counts[k] > 0.5 * len(images) / len(expected), counts
 
 
-def test_blur_matrix_equals_a_mirrored_border_convolution(batch):
-    sigma = 1.5
+def mirrored_blur(image: np.ndarray, sigma: float) -> np.ndarray:
     radius = int(np.ceil(2 * sigma))
     taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
     taps /= taps.sum()
+    padded = np.pad(image.astype(np.float64), [(radius, radius), (radius, radius), (0, 0)], mode="reflect")
+    out = np.apply_along_axis(lambda v: np.convolve(v, taps, "valid"), 0, padded)
+    return np.apply_along_axis(lambda v: np.convolve(v, taps, "valid"), 1, out)
+
+
+def test_blur_matrix_equals_a_mirrored_border_convolution(batch):
     image = batch[0].astype(np.float64)
-    padded = np.pad(image, [(radius, radius), (radius, radius), (0, 0)], mode="reflect")
-    expected = np.apply_along_axis(lambda v: np.convolve(v, taps, "valid"), 0, padded)
-    expected = np.apply_along_axis(lambda v: np.convolve(v, taps, "valid"), 1, expected)
-    matrix = augment.reflect_blur_matrix(96, sigma).astype(np.float64)
+    matrix = augment.reflect_blur_matrix(96, 1.5).numpy().astype(np.float64)
     np.testing.assert_allclose(np.einsum("ij,jkc->ikc", matrix, np.einsum("kl,ilc->ikc", matrix, image)),
-                               expected, atol=1e-3)
+                               mirrored_blur(image, 1.5), atol=1e-3)
+
+
+def test_blur_stage_blends_each_image_with_its_mirrored_border_blur(batch):
+    """Each output is the image plus a share in [0, 1] of the way to its blur; about half the images get some."""
+    cfg = make_config("cpu", **{**OFF, "blur": 1.5})
+    images = batch[:16].astype(np.float32)
+    out = augment.blur(tf.constant(images), cfg).numpy()
+    blurred = np.stack([mirrored_blur(image, 1.5) for image in images])
+    for image, result, target in zip(images, out, blurred):
+        step, change = (target - image).ravel(), (result - image).ravel()
+        share = float(step @ change / (step @ step))
+        assert -1e-3 <= share <= 1 + 1e-3
+        np.testing.assert_allclose(change, share * step, atol=0.05)
+
+
+def test_pipeline_takes_fewer_images_than_a_batch(real_slice):
+    """A last short batch has no static batch size; every stage must still know the image size."""
+    cfg = make_config("cpu", batch_size=32)
+    x, _ = next(iter(augment.train_dataset(real_slice[0][:20], real_slice[1][:20], cfg, repeat=False)))
+    check_range(x.numpy(), 20)
 
 
 def test_randaugment_really_changes_images_inside_tf_data(batch):

@@ -20,9 +20,11 @@ def affine_warp(images: tf.Tensor, a00, a01, a10, a11, dx, dy, fill_mode: str) -
     transforms = tf.stack([a00, a01, c - a00 * c - a01 * c + dx,
                            a10, a11, c - a10 * c - a11 * c + dy,
                            zeros, zeros], axis=1)
-    return tf.raw_ops.ImageProjectiveTransformV3(
+    warped = tf.raw_ops.ImageProjectiveTransformV3(
         images=images, transforms=transforms, output_shape=tf.shape(images)[1:3],
         interpolation="BILINEAR", fill_mode=fill_mode, fill_value=0.0)
+    warped.set_shape(images.shape)  # the op forgets the static size when the batch size is unknown
+    return warped
 
 
 def geometry(images: tf.Tensor, cfg: Config, seed: tf.Tensor | None = None) -> tf.Tensor:
@@ -47,17 +49,21 @@ def geometry(images: tf.Tensor, cfg: Config, seed: tf.Tensor | None = None) -> t
     def coin():
         return tf.random.uniform([batch]) < 0.5
 
-    # A symmetry D of the square, then the warp: the image is sampled at D (A (p - c) + d) + c.
-    if cfg.rot90:  # transpose, then a flip of x and one of y: all 8 symmetries
-        transpose = coin()
+    # A symmetry D of the square, then the warp: the image is sampled at D (A (p - c) + d) + c. D is a transpose,
+    # then a sign on y, then one on x: rot90 draws the 4 turns (a transpose with exactly one flip, or a half turn
+    # or nothing), flip a further left-right mirror; both give the 8 symmetries, each 1 in 8.
+    sign_x = sign_y = 1.0
+    if cfg.rot90:
+        transpose, flip_y = coin(), coin()
         a00, a01, a10, a11 = (tf.where(transpose, a10, a00), tf.where(transpose, a11, a01),
                               tf.where(transpose, a00, a10), tf.where(transpose, a01, a11))
         dx, dy = tf.where(transpose, dy, dx), tf.where(transpose, dx, dy)
-        flip_y = tf.where(coin(), -1.0, 1.0)
-        a10, a11, dy = a10 * flip_y, a11 * flip_y, dy * flip_y
+        sign_y = tf.where(flip_y, -1.0, 1.0)
+        sign_x = tf.where(transpose != flip_y, -1.0, 1.0)  # an even number of mirrors: a turn
     if cfg.flip:
-        flip_x = tf.where(coin(), -1.0, 1.0)
-        a00, a01, dx = a00 * flip_x, a01 * flip_x, dx * flip_x
+        sign_x = sign_x * tf.where(coin(), -1.0, 1.0)
+    a00, a01, dx = a00 * sign_x, a01 * sign_x, dx * sign_x
+    a10, a11, dy = a10 * sign_y, a11 * sign_y, dy * sign_y
 
     def warp(fill_mode):
         return affine_warp(images, a00, a01, a10, a11, dx, dy, fill_mode)
@@ -92,18 +98,19 @@ def colour(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     return tf.clip_by_value(images, 0.0, 255.0)
 
 
-def reflect_blur_matrix(n: int, sigma: float) -> np.ndarray:
-    """(n, n) matrix M with M @ v = v blurred by a Gaussian of this sigma, with borders mirrored (no edge repeat)."""
+def reflect_blur_matrix(n, sigma: float) -> tf.Tensor:
+    """(n, n) matrix M with M @ v = v blurred by a Gaussian of this sigma, borders mirrored (no edge repeat).
+
+    n may be a tensor: built in the graph, it follows the batch's image size.
+    """
     radius = max(1, int(math.ceil(2 * sigma)))
     taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-    taps /= taps.sum()
-    matrix = np.zeros((n, n))
-    for i in range(n):
-        for offset, weight in zip(range(-radius, radius + 1), taps):
-            j = abs(i + offset)                  # mirror at the top ...
-            j = 2 * (n - 1) - j if j > n - 1 else j  # ... and at the bottom
-            matrix[i, j] += weight
-    return matrix.astype(np.float32)
+    taps = tf.constant(taps / taps.sum(), tf.float32)
+    n = tf.convert_to_tensor(n, tf.int32)
+    tf.debugging.assert_greater(n, radius, message=f"images must be larger than {radius} px to blur at sigma {sigma}")
+    source = tf.abs(tf.range(n)[:, None] + tf.range(-radius, radius + 1)[None, :])  # mirrored at the top ...
+    source = tf.where(source > n - 1, 2 * (n - 1) - source, source)                # ... and at the bottom
+    return tf.reduce_sum(tf.one_hot(source, n) * taps[None, :, None], axis=1)
 
 
 def blur(images: tf.Tensor, cfg: Config) -> tf.Tensor:
@@ -112,11 +119,8 @@ def blur(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     The separable blur runs as two small matrix products (rows, then columns): about 3x faster on a CPU than
     depthwise convolutions, which leaves more of the two cores to training.
     """
-    height, width = images.shape[1], images.shape[2]
-    if height is None or width is None:
-        raise ValueError("the blur stage needs batches of a known image size")
-    rows = tf.constant(reflect_blur_matrix(height, cfg.blur))
-    cols = tf.constant(reflect_blur_matrix(width, cfg.blur))
+    rows = reflect_blur_matrix(tf.shape(images)[1], cfg.blur)
+    cols = reflect_blur_matrix(tf.shape(images)[2], cfg.blur)
     blurred = tf.einsum("ij,bjkc->bikc", rows, images)
     blurred = tf.einsum("kl,bilc->bikc", cols, blurred)
     batch = tf.shape(images)[0]

@@ -35,8 +35,8 @@ class Config:
     balance: str = "none"                # none | class_weights | oversample
 
     # augmentation: stage 1, fixed geometry
-    flip: bool = True
-    rot90: bool = True
+    flip: bool = True                    # left-right mirror
+    rot90: bool = True                   # 90-degree turns; with flip, all 8 symmetries of the square
     rotation: float = 0.5                # max free rotation, fraction of a full turn (0.5 = +-180 deg)
     zoom: float = 0.1                    # max zoom in or out: scale from 1/(1+zoom) to 1+zoom
     shift: float = 0.1                   # max shift, fraction of the side
