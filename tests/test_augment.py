@@ -106,7 +106,7 @@ def test_blur_stage_blends_each_image_with_its_mirrored_border_blur(batch):
 
 def test_pipeline_takes_fewer_images_than_a_batch(real_slice):
     """A last short batch has no static batch size; every stage must still know the image size."""
-    cfg = make_config("cpu", batch_size=32)
+    cfg = make_config("cpu", batch_size=32, randaugment=True)  # every stage: RandAugment is the gpu profile's
     x, _ = next(iter(augment.train_dataset(real_slice[0][:20], real_slice[1][:20], cfg, repeat=False)))
     check_range(x.numpy(), 20)
 
