@@ -1,0 +1,76 @@
+"""The command line as a user meets it: one-line errors, no run folder for bad data, honest tune candidates."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import fields
+
+import numpy as np
+import pytest
+
+from trainer.config import Config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def trainer(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], cwd=ROOT, env=env or ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def augmentation_fields() -> list[str]:
+    """Every augmentation setting of Config: the fields from flip to cutmix_alpha, in declaration order."""
+    names = [f.name for f in fields(Config)]
+    return names[names.index("flip"):names.index("cutmix_alpha") + 1]
+
+
+def test_every_tune_candidate_sets_every_augmentation_field():
+    from trainer.tune import CANDIDATES
+    wanted = set(augmentation_fields())
+    assert {"corrupt_ops", "corrupt_jpeg", "randaugment_magnitude"} <= wanted
+    for name, values in CANDIDATES.items():
+        missing = sorted(wanted - set(values))
+        assert not missing, f"candidate {name!r} inherits {missing} from the profile"
+
+
+def test_tune_none_candidate_turns_the_whole_recipe_off():
+    """'none' on top of the cpu profile (JPEG, zoom and 3 ops in its corruption stage) trains with no augmentation."""
+    from trainer.tune import CANDIDATES
+    from trainer.config import make_config
+    cfg = make_config("cpu", **CANDIDATES["none"])
+    assert not cfg.corrupt and not cfg.corrupt_jpeg and not cfg.corrupt_zoom and not cfg.randaugment
+    assert not (cfg.flip or cfg.rot90 or cfg.rotation or cfg.erase or cfg.blur)
+
+
+@pytest.fixture(scope="module")
+def small_npz(tmp_path_factory, real_slice):
+    path = tmp_path_factory.mktemp("data") / "small.npz"
+    np.savez(path, images=real_slice[0][:200], labels=real_slice[1][:200, None])
+    return path
+
+
+def test_runtime_error_is_one_line_not_a_traceback(small_npz, tmp_path):
+    """No internet for the ImageNet download (a proxy on a closed local port): the message, not a traceback."""
+    env = {**ENV, "KERAS_HOME": str(tmp_path / "keras"), "https_proxy": "http://127.0.0.1:9",
+           "HTTPS_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    done = trainer("train", "--profile", "smoke", "--data", small_npz, "--runs-dir", tmp_path / "runs", "--name", "r",
+                   "--model", "resnet50", "--weights", "imagenet", "--submission-dir", "", env=env)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "ImageNet weights" in lines[0] and "--weights" in lines[0], done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("problem", ["missing", "no labels"])
+def test_bad_data_file_creates_no_run_folder(problem, tmp_path):
+    data = tmp_path / "bad.npz"
+    if problem == "no labels":
+        np.savez(data, images=np.zeros((4, 96, 96, 3), np.uint8))
+    done = trainer("train", "--profile", "smoke", "--data", data, "--runs-dir", tmp_path / "runs", "--name", "r",
+                   timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert str(data) in done.stderr, done.stderr
+    assert not (tmp_path / "runs" / "r").exists(), "a run that never started must leave no folder for make runs"
