@@ -5,7 +5,6 @@ import argparse
 import glob
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,20 +13,18 @@ import zipfile
 
 import numpy as np
 
+from trainer.corrupt import corrupt_mix
+from trainer.files import write_json
+from trainer.metrics import classification_metrics
+from trainer.registry import MODELS
+from trainer.staging import SubmissionError, UsageError, prepare_submission, read_json, variant
+
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child.py")
 FIRST_CALL = 16        # images in the grader run's first predict call, which pays the one-off costs
 MAX_IMAGES = 1000      # test images the grader run times and scores (a big model on a big holdout takes long)
 TABLE_IMAGES = 256     # images each format row is timed on
 CHUNK = 32             # images per call in the TensorFlow rows (model.predict's default batch)
 ROW_SECONDS = 15.0     # a slow row stops after about this long: the stock ConvNeXt runs ~4 images/s here
-
-
-class UsageError(Exception):
-    """Missing or unreadable inputs: exit 2 with a message saying what to pass."""
-
-
-class SubmissionError(Exception):
-    """The submission crashed or answered in a shape the grader cannot read: a FAIL."""
 
 
 STARTED = time.time()
@@ -52,11 +49,6 @@ def stage(msg: str) -> None:
 def newest_run(runs_dir: str) -> str | None:
     found = glob.glob(os.path.join(runs_dir, "*", "model.onnx"))
     return os.path.dirname(max(found, key=os.path.getmtime)) if found else None
-
-
-def read_json(path: str) -> dict:
-    with open(path) as fh:
-        return json.load(fh)
 
 
 def resolve(args) -> tuple[str | None, str, bool]:
@@ -89,48 +81,6 @@ def submission_settings(source: str) -> dict:
         return read_json(os.path.join(source, "settings.json"))
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return {}
-
-
-def prepare_submission(source: str, run: str | None, from_run: bool, dest: str) -> str:
-    """Copy the submission into dest as the grader unpacks it; the model and settings from the run if asked."""
-    if source.endswith(".zip"):
-        with zipfile.ZipFile(source) as zf:
-            zf.extractall(dest)
-    else:
-        if not os.path.isfile(os.path.join(source, "model.py")):
-            raise UsageError(f"{source}/model.py not found: the submission folder needs model.py")
-        skip = {"__pycache__", *(("model.onnx", "settings.json") if from_run else ())}
-        shutil.copytree(source, dest, ignore=lambda _dir, names: [n for n in names if n in skip])
-        if from_run:
-            for name in ("model.onnx", "settings.json"):
-                if not os.path.isfile(os.path.join(run, name)):
-                    raise UsageError(f"{run}/{name} not found: export the run first (python -m trainer export)")
-                shutil.copyfile(os.path.join(run, name), os.path.join(dest, name))
-    for name in ("model.py", "settings.json"):
-        if not os.path.isfile(os.path.join(dest, name)):
-            raise SubmissionError(f"{name} is not at the top of the submission ({source}); the grader needs it there")
-    model_file = read_json(os.path.join(dest, "settings.json")).get("model_file", "model.onnx")
-    if not os.path.isfile(os.path.join(dest, model_file)):
-        raise SubmissionError(f"settings.json names {model_file}, which is not in the submission ({source})")
-    return dest
-
-
-def variant(folder: str, dest: str, **settings) -> str:
-    """A copy of the submission folder with some settings changed (files hard-linked where possible)."""
-    os.makedirs(dest)
-    for name in os.listdir(folder):
-        src = os.path.join(folder, name)
-        if os.path.isdir(src):
-            shutil.copytree(src, os.path.join(dest, name))
-        elif name != "settings.json":
-            try:
-                os.link(src, os.path.join(dest, name))
-            except OSError:
-                shutil.copyfile(src, os.path.join(dest, name))
-    merged = {**read_json(os.path.join(folder, "settings.json")), **settings}
-    with open(os.path.join(dest, "settings.json"), "w") as fh:
-        json.dump(merged, fh, indent=2)
-    return dest
 
 
 def load_test(path: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -198,7 +148,6 @@ def project(startup_s: float, per_image_s: float, n: int) -> float:
 def scores(labels: np.ndarray | None, predicted: np.ndarray) -> dict:
     if labels is None:
         return {}
-    from trainer.evaluate import classification_metrics
     metrics = classification_metrics(labels[:len(predicted)], predicted)
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "scored_images": metrics["n"]}
 
@@ -259,6 +208,7 @@ def tensorflow_rows(keras_path: str, model_name: str, images: np.ndarray) -> lis
     t = time.time()
     import keras
     import tensorflow as tf
+
     import trainer.models  # noqa: F401  registers the custom layers that model.keras uses
     import_s = time.time() - t
     t = time.time()
@@ -267,7 +217,8 @@ def tensorflow_rows(keras_path: str, model_name: str, images: np.ndarray) -> lis
     rows = []
 
     stage(f"keras template: stock architecture, model.predict on up to {len(images)} images ...")
-    stock = stock_architecture(model) if model_name.startswith("convnext") else model
+    grouped = model_name in MODELS and MODELS[model_name].grouped_convs
+    stock = stock_architecture(model) if grouped else model
     row = time_row(lambda x: stock.predict(x.astype(np.float32), batch_size=CHUNK, verbose=0), images)
     # A team loads the stock model directly, so the rebuild above is not part of the template's start-up.
     rows.append({"format": "keras template (model.predict)", "views": 1, "mb": file_mb(keras_path),
@@ -407,7 +358,6 @@ def benchmark(args) -> int:
                              safety_margin=args.margin, expected_test_size=n)
             corrupted = None
             if not args.quick and labels is not None:
-                from trainer.corrupt import corrupt_mix
                 stage("corrupting a copy of the test set (trainer.corrupt.corrupt_mix, seed 0) ...")
                 corrupted, _ = corrupt_mix(images, seed=0)
             stage(f"grader run: model.py in a fresh process on {len(images)} images, {args.cpus} cores ...")
@@ -475,7 +425,6 @@ def write_figures(path: str | None, figures: dict) -> None:
     if path is None:
         log("benchmark.json not written: no run folder (pass --run or --json)")
         return
-    from trainer.files import write_json
     write_json(path, figures)
     log(f"wrote {path}")
 

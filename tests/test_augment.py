@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import augment
+from trainer import augment, plots
 from trainer.config import make_config
 
 OFF = dict(flip=False, rot90=False, rotation=0.0, zoom=0.0, shift=0.0, shear=0.0, black_fill=0.0, randaugment=False,
@@ -169,7 +169,7 @@ def test_augmentation_grid_png(tmp_path, batch):
     samples = augment.augmented_samples(batch, cfg, 8)
     assert samples.dtype == np.uint8 and samples.shape == (8, 96, 96, 3)
     path = tmp_path / "grid.png"
-    augment.save_grid(batch[:8], samples, str(path))
+    plots.augmentation_grid(batch[:8], samples, str(path))
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -1,6 +1,7 @@
 """The command line as a user meets it: one-line errors, no run folder for bad data, honest tune candidates."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -37,8 +38,8 @@ def test_every_tune_candidate_sets_every_augmentation_field():
 
 def test_tune_none_candidate_turns_the_whole_recipe_off():
     """'none' on top of the cpu profile (JPEG, zoom and 3 ops in its corruption stage) trains with no augmentation."""
-    from trainer.tune import CANDIDATES
     from trainer.config import make_config
+    from trainer.tune import CANDIDATES
     cfg = make_config("cpu", **CANDIDATES["none"])
     assert not cfg.corrupt and not cfg.corrupt_jpeg and not cfg.corrupt_zoom and not cfg.randaugment
     assert not (cfg.flip or cfg.rot90 or cfg.rotation or cfg.erase or cfg.blur)
@@ -74,3 +75,30 @@ def test_bad_data_file_creates_no_run_folder(problem, tmp_path):
     assert "Traceback" not in done.stderr
     assert str(data) in done.stderr, done.stderr
     assert not (tmp_path / "runs" / "r").exists(), "a run that never started must leave no folder for make runs"
+
+
+def test_resume_applies_the_flags_that_may_change_and_refuses_the_others(tmp_path):
+    from trainer import files
+    from trainer.config import make_config
+    run = tmp_path / "runs" / "r"
+    files.write_json(str(run / "config.json"), make_config("smoke", name="r", runs_dir=str(tmp_path / "runs"),
+                                                           time_budget_min=1.0).to_dict())
+    done = trainer("config", "--resume", run, "--time-budget-min", "5", "--epochs", "9", "--verbose", "0")
+    assert done.returncode == 0, done.stderr
+    resumed = json.loads(done.stdout)
+    assert (resumed["time_budget_min"], resumed["epochs"], resumed["verbose"]) == (5.0, 9, 0)
+    assert resumed["learning_rate"] == make_config("smoke").learning_rate and resumed["name"] == "r"
+    done = trainer("train", "--resume", run, "--learning-rate", "0.5", "--time-budget-min", "5")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "--learning-rate cannot change" in done.stderr and "--time-budget-min" in done.stderr, done.stderr
+    assert json.loads((run / "config.json").read_text())["time_budget_min"] == 1.0, "a refused resume changes nothing"
+
+
+def test_flag_the_model_ignores_gets_a_warning_and_bad_values_an_error():
+    done = trainer("config", "--profile", "gpu", "--width", "24")
+    assert done.returncode == 0, done.stderr
+    assert "warning: --width does not apply to convnext_base" in done.stderr
+    assert json.loads(done.stdout)["model"] == "convnext_base"
+    assert "warning" not in trainer("config", "--profile", "cpu", "--width", "24").stderr
+    done = trainer("config", "--profile", "cpu", "--dropout", "1.5")
+    assert done.returncode == 2 and done.stderr.startswith("error: --dropout is 1.5; use a value from 0.0 to 0.95")

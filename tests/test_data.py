@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from trainer import data
+from trainer import data, plots
 from trainer.data import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,7 +116,7 @@ def test_cleaning_the_real_file(data_path, tmp_path):
     assert report.kept >= 10400
     assert keep.max() < len(images) - 1800 + 1
     sheet = tmp_path / "removed.png"
-    data.removed_sheet(images, labels, report, str(sheet))
+    plots.removed_sheet(images, labels, report, str(sheet))
     assert sheet.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -35,7 +35,8 @@ def convnext_like():
     for layer in model.layers:
         if isinstance(layer, keras.layers.LayerNormalization):
             layer.set_weights([rng.uniform(0.5, 1.5, w.shape).astype(np.float32) if i == 0 else
-                               rng.normal(0, 0.5, w.shape).astype(np.float32) for i, w in enumerate(layer.get_weights())])
+                               rng.normal(0, 0.5, w.shape).astype(np.float32)
+                               for i, w in enumerate(layer.get_weights())])
     return model
 
 

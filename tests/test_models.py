@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from trainer.config import make_config
-from trainer.models import (BACKBONES, MODEL_NAMES, Preprocess, build_model, depthwise_rebuild, unfreeze,
-                            backbone_of)
+from trainer.models import Preprocess, backbone_of, build_model, depthwise_rebuild, unfreeze
+from trainer.registry import MODELS
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+
+@pytest.mark.parametrize("name", list(MODELS))
 def test_every_registered_model_builds_at_96(name):
     cfg = make_config("cpu", model=name, weights="none")
     model = build_model(cfg)
@@ -17,8 +18,8 @@ def test_every_registered_model_builds_at_96(name):
     probs = np.asarray(model(x, training=False))
     assert probs.shape == (2, 8)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
-    assert not any(isinstance(l, keras.layers.Conv2D) and not isinstance(l, keras.layers.DepthwiseConv2D)
-                   and l.groups > 1 for l in model._flatten_layers())
+    assert not any(isinstance(layer, keras.layers.Conv2D) and not isinstance(layer, keras.layers.DepthwiseConv2D)
+                   and layer.groups > 1 for layer in model._flatten_layers())
 
 
 def test_upscaling_input():
@@ -29,8 +30,8 @@ def test_upscaling_input():
 
 def test_first_block_convs_drops_one_48x48_convolution():
     def convs_at_48(model):
-        return [l for l in model._flatten_layers() if isinstance(l, keras.layers.Conv2D)
-                and l.output.shape[1] == 48 and l.strides == (1, 1)]
+        return [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.Conv2D)
+                and layer.output.shape[1] == 48 and layer.strides == (1, 1)]
     two = build_model(make_config("cpu", first_block_convs=2))
     one = build_model(make_config("cpu"))  # the cpu profile drops it
     assert len(convs_at_48(two)) == 2 and len(convs_at_48(one)) == 1
@@ -42,10 +43,10 @@ def test_first_block_convs_drops_one_48x48_convolution():
 
 def test_depthwise_rebuild_matches_grouped_convnext():
     stock = keras.applications.ConvNeXtTiny(include_top=False, weights=None, input_shape=(96, 96, 3))
-    grouped = [l for l in stock.layers if isinstance(l, keras.layers.Conv2D) and l.groups > 1]
+    grouped = [layer for layer in stock.layers if isinstance(layer, keras.layers.Conv2D) and layer.groups > 1]
     assert grouped, "keras.applications builds ConvNeXt with grouped Conv2D"
     rebuilt = depthwise_rebuild(stock)
-    assert sum(isinstance(l, keras.layers.DepthwiseConv2D) for l in rebuilt.layers) == len(grouped)
+    assert sum(isinstance(layer, keras.layers.DepthwiseConv2D) for layer in rebuilt.layers) == len(grouped)
     x = np.random.default_rng(1).uniform(0, 255, (2, 96, 96, 3)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(rebuilt(x)), np.asarray(stock(x)), atol=1e-4, rtol=1e-4)
 
@@ -69,9 +70,9 @@ def test_unfreeze_last_layers(tmp_path):
     model = build_model(make_config("cpu", model="efficientnet_v2_b0", weights=path))
     unfreeze(model, last_n=10)
     backbone = backbone_of(model)
-    trainable = [l for l in backbone.layers if l.trainable and l.weights]
+    trainable = [layer for layer in backbone.layers if layer.trainable and layer.weights]
     assert 0 < len(trainable) <= 10
-    assert not any(isinstance(l, keras.layers.BatchNormalization) for l in trainable)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in trainable)
 
 
 def test_unknown_model_names_the_choices():
@@ -86,14 +87,14 @@ def test_saved_model_round_trip(tmp_path):
     again = keras.models.load_model(path)
     x = np.random.default_rng(2).integers(0, 256, (3, 96, 96, 3)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(again(x)), np.asarray(model(x)), atol=1e-6)
-    assert any(isinstance(l, Preprocess) for l in again.layers)
+    assert any(isinstance(layer, Preprocess) for layer in again.layers)
 
 
 def test_registry_lists_the_issue_models():
     for name in ("vanilla_cnn", "vgg16", "densenet121", "resnet50", "inception_v3", "efficientnet_v2_b3",
                  "convnext_tiny", "convnext_base", "convnext_large"):
-        assert name in MODEL_NAMES
-    assert set(BACKBONES) < set(MODEL_NAMES)
+        assert name in MODELS
+    assert {n for n, spec in MODELS.items() if spec.keras_app} < set(MODELS)
 
 
 def test_gpu_profile_runs_a_few_steps_on_cpu(tmp_path, real_slice):

@@ -128,8 +128,8 @@ def test_every_function_is_used_somewhere():
     used: set[str] = set()
     for text in sources.values():
         tree = ast.parse(text)
-        aliases = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
-                   for alias in node.names}
+        aliases = {alias.asname or alias.name for node in ast.walk(tree)
+                   if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
         for node in ast.walk(tree):
             if isinstance(node, ast.Name):
                 used.add(node.id)
@@ -153,8 +153,9 @@ def test_train_help_has_a_line_for_every_flag():
     done = subprocess.run([sys.executable, "-m", "trainer", "train", "--help"], cwd=ROOT, capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
     assert done.returncode == 0, done.stderr
-    from trainer.config import Config
     from dataclasses import fields
+
+    from trainer.config import Config
     lines = done.stdout.splitlines()
     bare = []
     for f in fields(Config):
@@ -170,3 +171,10 @@ def test_train_help_has_a_line_for_every_flag():
         if not text or text.startswith("--"):
             bare.append(flag)
     assert not bare, f"flags without a help line: {bare}"
+
+
+def test_options_page_is_generated_from_the_config():
+    from trainer.config import options_markdown
+    with open(os.path.join(ROOT, "docs", "options.md")) as fh:
+        page = fh.read()
+    assert page == options_markdown() + "\n", "docs/options.md is stale: run make options"

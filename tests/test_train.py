@@ -129,6 +129,7 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, data_path):
 
 def test_resumed_run_gets_only_what_is_left_of_its_budget(tmp_path):
     import time
+
     from trainer.train import RunTime
     fresh = RunTime(str(tmp_path))
     assert fresh.before == 0.0 and fresh.deadline(0) == 0.0
@@ -143,6 +144,7 @@ def test_resumed_run_gets_only_what_is_left_of_its_budget(tmp_path):
 
 def test_spent_budget_keeps_the_best_weights_without_training(tmp_path, real_slice, capsys):
     import time
+
     from trainer.config import make_config
     from trainer.models import build_model
     from trainer.train import fit
@@ -165,6 +167,7 @@ def test_spent_budget_keeps_the_best_weights_without_training(tmp_path, real_sli
 
 def test_budget_that_ends_early_says_how_many_epochs_fit(tmp_path, real_slice, capsys):
     import time
+
     from trainer.config import make_config
     from trainer.train import fit
     cfg = make_config("smoke", epochs=3, steps_per_epoch=1, batch_size=8, randaugment=False, verbose=0)
@@ -206,9 +209,11 @@ def test_low_resolution_by_time_budget_sets_size_and_cosine_by_time(tmp_path):
     """With a time budget, the switch to 96 and the cosine follow the share of the budget spent, not epochs:
     low-resolution epochs are cheaper, so an epoch count would put the switch and the horizon in the wrong place."""
     import time
+
     import tensorflow as tf
+
+    from trainer.callbacks import CosineDecay, EpochClock, Progress, Resolution, budget_spent
     from trainer.config import make_config
-    from trainer.train import EpochClock, _callbacks, budget_spent
     cfg = make_config("smoke", schedule="cosine", time_budget_min=1.0, low_res_size=64, low_res_share=0.5)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     model.compile(optimizer=keras.optimizers.Adam(0.1), loss="mse")
@@ -216,7 +221,9 @@ def test_low_resolution_by_time_budget_sets_size_and_cosine_by_time(tmp_path):
         deadline = time.time() + left_s
         assert budget_spent(deadline, 1.0) == pytest.approx(spent, abs=0.01)
         size = tf.Variable(0, dtype=tf.int32)
-        cosine, resolution = _callbacks(cfg, str(tmp_path), deadline, 0.1, 80, EpochClock(deadline), size=size)[:2]
+        progress = Progress(deadline, cfg.time_budget_min, 80)
+        cosine = CosineDecay(0.1, 80, EpochClock(deadline), progress)
+        resolution = Resolution(size, cfg.low_res_size, cfg.low_res_share, progress)
         for callback in (cosine, resolution):
             callback.set_model(model)
             callback.on_epoch_begin(3)
@@ -227,7 +234,7 @@ def test_low_resolution_by_time_budget_sets_size_and_cosine_by_time(tmp_path):
 
 def test_low_resolution_settings_that_cannot_work_are_refused():
     from trainer.config import make_config
-    from trainer.train import check_low_res
+    from trainer.config import validate as check_low_res
     check_low_res(make_config("cpu", low_res_size=64))
     with pytest.raises(ValueError, match="low_res_size is 96; use a size from 32 to 95"):
         check_low_res(make_config("cpu", low_res_size=96))
@@ -244,7 +251,8 @@ def test_low_resolution_settings_that_cannot_work_are_refused():
 
 def test_budget_forecast_after_the_first_epoch():
     import time
-    from trainer.train import EpochClock, budget_forecast
+
+    from trainer.callbacks import EpochClock, budget_forecast
     clock = EpochClock(time.time() + 250)
     clock.durations.append(100.0)  # room for two more 100 s epochs
     line = budget_forecast(clock, 1, 80)
@@ -258,7 +266,7 @@ def test_budget_forecast_after_the_first_epoch():
 
 
 def test_evaluate_command_reproduces_metrics(smoke_run, tmp_path):
-    """ONNX through submission/model.py, identity view, scores the holdout as metrics.json says (clean and corrupted)."""
+    """ONNX through submission/model.py, identity view, scores the holdout as metrics.json says (clean, corrupted)."""
     run = smoke_run[0]
     metrics = json.loads((run / "metrics.json").read_text())
     seed = json.loads((run / "config.json").read_text())["seed"]
@@ -336,14 +344,13 @@ def test_cosine_schedule_decays_to_the_last_epoch_that_fits(tmp_path):
     """The callback sets a cosine learning rate that reaches ~0 at the last epoch, or earlier when a deadline
     leaves room for fewer epochs."""
     import time
-    from trainer.config import make_config
-    from trainer.train import EpochClock, _callbacks
+
+    from trainer.callbacks import CosineDecay, EpochClock
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     model.compile(optimizer=keras.optimizers.Adam(0.1), loss="mse")
 
     def rates(clock, epochs=10):
-        cosine = _callbacks(make_config("smoke", schedule="cosine"), str(tmp_path), clock.deadline, 0.1, epochs,
-                            clock)[0]
+        cosine = CosineDecay(0.1, epochs, clock)
         cosine.set_model(model)
         out = []
         for epoch in range(epochs):
@@ -367,12 +374,12 @@ def test_cosine_schedule_decays_to_the_last_epoch_that_fits(tmp_path):
 
 
 def test_cosine_schedule_logs_its_learning_rate_in_the_history(tmp_path):
+    from trainer.callbacks import callbacks_for, cosine_rate
     from trainer.config import make_config
-    from trainer.train import EpochClock, _callbacks, cosine_rate
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     model.compile(optimizer=keras.optimizers.Adam(0.1), loss="mse", metrics=["accuracy"])
     x, y = np.ones((8, 4), "float32"), np.ones((8, 2), "float32")
-    callbacks = _callbacks(make_config("smoke", schedule="cosine"), str(tmp_path), 0.0, 0.1, 3, EpochClock(0.0))
+    callbacks = callbacks_for(make_config("smoke", schedule="cosine"), str(tmp_path), 0.0, 0.1, 3)
     model.fit(x, y, validation_data=(x, y), epochs=3, callbacks=callbacks, verbose=0)
     with open(tmp_path / "history.csv") as fh:
         logged = [float(row["learning_rate"]) for row in csv.DictReader(fh)]
@@ -381,7 +388,8 @@ def test_cosine_schedule_logs_its_learning_rate_in_the_history(tmp_path):
 
 def test_epoch_clock_counts_the_epochs_that_fit():
     import time
-    from trainer.train import EpochClock
+
+    from trainer.callbacks import EpochClock
     assert EpochClock(0.0).epochs_left() > 10 ** 6  # no deadline
     clock = EpochClock(time.time() + 100.0)
     clock.durations = [10.0, 30.0, 20.0]  # the slowest recent epoch sets the pace
@@ -390,10 +398,9 @@ def test_epoch_clock_counts_the_epochs_that_fit():
 
 
 def test_unknown_schedule_is_refused(tmp_path):
-    from trainer.config import make_config
-    from trainer.train import _callbacks
+    from trainer.config import make_config, validate
     with pytest.raises(ValueError, match="schedule 'linear'.*plateau or cosine"):
-        _callbacks(make_config("smoke", schedule="linear"), str(tmp_path), 0.0, 0.1, 3)
+        validate(make_config("smoke", schedule="linear"))
 
 
 def test_mixed_precision_model_becomes_float32_with_the_same_weights():

@@ -1,12 +1,32 @@
-"""Command line: python -m trainer {train,augment,export,evaluate,tune,corrupt,report,gradcam,runs} ..."""
+"""Command line: python -m trainer {train,augment,export,evaluate,tune,corrupt,report,gradcam,runs,config,options}."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 
-from .config import PROFILES, add_config_arguments, config_from_args, load_config
+import numpy as np
 
+from . import corrupt, data, files, gradcam, runs
+from .config import (
+    PROFILES,
+    add_config_arguments,
+    config_from_args,
+    given_fields,
+    load_config,
+    options_markdown,
+    resume_config,
+    validate,
+)
+from .data import DataError
+from .evaluate import corruption_table, errors_table, evaluate_exported
+from .report import write_report
+from .staging import SubmissionError, UsageError
+from .train import export_run, run_dir_for, train
+from .tune import CANDIDATES, table, tune, tune_config
+
+# TensorFlow, Keras and matplotlib load inside the commands that need them, so `runs`, `report`, `config` and
+# --help answer at once.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -17,20 +37,36 @@ def default_profile() -> str:
 
 
 def resolve_config(args):
+    """The config a command runs: a profile with the flags on top, or a resumed run's own with the few that may
+    change; validated, with a warning for each flag the model ignores."""
+    given = given_fields(args)
     if getattr(args, "resume", None):
         path = os.path.join(args.resume, "config.json")
         if not os.path.exists(path):
             raise SystemExit(f"error: {path} not found; --resume takes a run folder such as runs/cpu-20261127-101500")
-        return load_config(path)
-    if not args.profile:
-        args.profile = default_profile()
-    return config_from_args(args)
+        cfg = resume_config(load_config(path), given, args.profile)
+        # The folder given is the run, wherever it now lies.
+        cfg.runs_dir, cfg.name = os.path.dirname(os.path.abspath(args.resume)), os.path.basename(
+            os.path.normpath(args.resume))
+    else:
+        if not args.profile:
+            args.profile = default_profile()
+        cfg = config_from_args(args)
+    for warning in validate(cfg, given):
+        print(warning, file=sys.stderr, flush=True)
+    return cfg
 
 
 def cmd_train(args) -> int:
-    from .train import train
     cfg = resolve_config(args)
-    metrics = train(cfg)
+    # Validate the data before the run folder exists (train() loads it first); once the folder exists, the run
+    # gets its page even when it stops with an error.
+    out_dir = run_dir_for(cfg)
+    try:
+        metrics = train(cfg)
+    finally:
+        if os.path.isdir(out_dir):
+            write_report(out_dir)
     test = metrics.get("test") or metrics["val"]
     print(f"accuracy {test['accuracy']:.4f}, macro F1 {test['macro_f1']:.4f} "
           f"({'test' if 'test' in metrics else 'val'} split); run folder {os.path.join(cfg.runs_dir, cfg.name)}")
@@ -38,23 +74,21 @@ def cmd_train(args) -> int:
 
 
 def cmd_augment(args) -> int:
-    import numpy as np
-    from . import data
-    from .augment import augmented_samples, save_grid
+    from . import plots
+    from .augment import augmented_samples
     cfg = resolve_config(args)
     images, labels = data.load_npz(cfg.data, resize=cfg.resize)
     keep, _ = data.clean(images, labels, cfg.max_copies, cfg.rare_colour_threshold)
     pick = np.random.default_rng(cfg.seed).choice(keep, args.n, replace=False)
-    save_grid(images[pick], augmented_samples(images[pick], cfg, args.n), args.out)
+    plots.augmentation_grid(images[pick], augmented_samples(images[pick], cfg, args.n), args.out)
     print(f"wrote {args.out}")
     return 0
 
 
 def cmd_export(args) -> int:
     import keras
-    import numpy as np
+
     from . import models  # noqa: F401  registers the custom layers
-    from .train import export_run
     cfg = load_config(os.path.join(args.run, "config.json"))
     if args.submission_dir is not None:
         cfg.submission_dir = args.submission_dir
@@ -66,14 +100,11 @@ def cmd_export(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from . import data
-    from .evaluate import evaluate_exported
     images, labels = data.load_npz_images(args.data)
     name = os.path.basename(args.data)
     recipes = None
     if args.corrupt:
-        from .corrupt import corrupt_mix
-        images, recipes = corrupt_mix(images, seed=args.seed)
+        images, recipes = corrupt.corrupt_mix(images, seed=args.seed)
         name += f" (corrupted, seed {args.seed})"
     views = [int(v) for v in args.views.split(",")]
     severities = [int(v) for v in args.severities.split(",")] if args.per_corruption else []
@@ -92,26 +123,21 @@ def cmd_evaluate(args) -> int:
         print(f"{r['views']:>5}  {acc:>8}  {f1:>8}  {r['img_per_s']:>8.1f}")
     for r in rows:
         if "per_corruption" in r:
-            from .evaluate import corruption_table
             print(f"\naccuracy per corruption, {r['views']} view(s):\n{corruption_table(r['per_corruption'])}")
         if "errors_by_corruption" in r:
-            from .evaluate import errors_table
             print(f"\nerrors on the corrupted copy by the corruptions each image got, {r['views']} view(s):\n"
                   f"{errors_table(r['errors_by_corruption'])}")
     if args.out:
-        from . import files
         files.write_json(args.out, {"model": args.model, "data": args.data, "corrupted": args.corrupt,
                                     "seed": args.seed, "rows": rows})
     return 0
 
 
 def cmd_tune(args) -> int:
-    from dataclasses import fields
-    from .config import Config
-    from .tune import CANDIDATES, table, tune, tune_config
-    overrides = {f.name: getattr(args, f.name) for f in fields(Config)
-                 if getattr(args, f.name, None) is not None and f.name != "profile"}
-    base = tune_config(args.profile or default_profile(), **overrides)
+    given = given_fields(args)
+    base = tune_config(args.profile or default_profile(), **given)
+    for warning in validate(base, given):
+        print(warning, file=sys.stderr, flush=True)
     names = args.candidates.split(",") if args.candidates else None
     unknown = [n for n in names or [] if n not in CANDIDATES]
     if unknown:
@@ -122,16 +148,14 @@ def cmd_tune(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import write_report
     return 0 if write_report(args.run, args.n) else 1
 
 
 def cmd_gradcam(args) -> int:
-    from . import gradcam
-    from .report import write_report
+    from . import plots
     mistakes = gradcam.run_mistakes(args.run, args.n)
     sheet = os.path.join(args.run, "gradcam.png")
-    gradcam.save_sheet(mistakes, sheet)
+    plots.gradcam_sheet(mistakes, sheet)
     for m in mistakes:
         print(f"#{m.index:5d}  true {m.true_name:22s} predicted {m.predicted_name:22s} {m.confidence:6.1%}")
     print(f"wrote {sheet} ({len(mistakes)} worst mistakes)")
@@ -139,15 +163,23 @@ def cmd_gradcam(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from .runs import runs_table
-    print(runs_table(args.runs_dir, args.sort, args.markdown, args.reverse))
+    print(runs.runs_table(args.runs_dir, args.sort, args.markdown, args.reverse))
+    return 0
+
+
+def cmd_config(args) -> int:
+    print(resolve_config(args).to_json())
+    return 0
+
+
+def cmd_options(args) -> int:
+    print(options_markdown())
     return 0
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "corrupt":
-        from . import corrupt
         return corrupt.main(argv[1:]) or 0
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,9 +187,21 @@ def main(argv=None) -> int:
     p = sub.add_parser("train", help="clean, split, augment, train, evaluate and export one run")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None,
                    help="named settings (default: gpu if a GPU is visible, else cpu)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="resume an interrupted run with its saved config")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="resume an interrupted run with its saved config; only the options marked resumable in "
+                        "docs/options.md may change")
     add_config_arguments(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("config", help="print the config a train command would run, as JSON (nothing runs)")
+    p.add_argument("--profile", choices=sorted(PROFILES), default=None,
+                   help="named settings (default: gpu if a GPU is visible, else cpu)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="the config a resume of this run would use")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("options", help="print every training option as the Markdown table of docs/options.md")
+    p.set_defaults(func=cmd_options)
 
     p = sub.add_parser("augment", help="save a PNG grid of augmented training samples")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None)
@@ -213,11 +257,10 @@ def main(argv=None) -> int:
     sub.add_parser("corrupt", help="write a corrupted copy of an .npz: corrupt IN.npz OUT.npz [--seed S]")
 
     args = parser.parse_args(argv)
-    from benchmark.bench import SubmissionError, UsageError
-    from .data import DataError
     try:
         return args.func(args)
-    except (DataError, FileNotFoundError, ValueError, SubmissionError, UsageError) as err:
+    # RuntimeError: no internet for ImageNet weights, an export that fails its parity check; each says what to do.
+    except (DataError, FileNotFoundError, ValueError, RuntimeError, SubmissionError, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:

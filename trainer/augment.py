@@ -8,6 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from .config import Config
+from .corrupt import HUE_LUMA, HUE_SIN
 from .data import NUM_CLASSES
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -186,7 +187,6 @@ def _saturation(x, s):
 
 def _hue(x, s):
     """Turn the colour wheel by up to 60 degrees around the grey axis (luminance kept)."""
-    from .corrupt import HUE_LUMA, HUE_SIN  # the suite's own hue matrix, per image
     theta = tf.reshape(_sign(x) * s, [-1, 1, 1]) * (math.pi / 3)
     matrices = HUE_LUMA + tf.cos(theta) * (np.eye(3, dtype=np.float32) - HUE_LUMA) + tf.sin(theta) * HUE_SIN
     return tf.einsum("bhwc,bdc->bhwd", x, matrices)
@@ -449,23 +449,3 @@ def augmented_samples(images: np.ndarray, cfg: Config, n: int = 32) -> np.ndarra
     return np.clip(np.rint(out.numpy()), 0, 255).astype(np.uint8)
 
 
-def save_grid(originals: np.ndarray, augmented: np.ndarray, path: str, cols: int = 8) -> None:
-    """PNG grid: each original above its augmented version."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from .data import save_figure
-    n = len(augmented)
-    rows = 2 * math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.35 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for i in range(n):
-        r, c = 2 * (i // cols), i % cols
-        axes[r, c].imshow(originals[i])
-        axes[r + 1, c].imshow(augmented[i])
-        if r == 0:
-            axes[r, c].set_title("original", fontsize=6)
-            axes[r + 1, c].set_title("augmented", fontsize=6)
-    fig.suptitle("Training augmentation: original (upper) and augmented (lower)", fontsize=9)
-    save_figure(fig, path)

@@ -7,6 +7,7 @@ import zipfile
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 NUM_CLASSES = 8
 IMAGE_SHAPE = (96, 96, 3)
@@ -86,7 +87,6 @@ def validate_labels(labels: np.ndarray, n: int, source: str = "labels") -> np.nd
 
 
 def resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
     out = np.empty((len(images), *size, 3), np.uint8)
     for i, img in enumerate(images):
         img = np.clip(img, 0, 255).astype(np.uint8) if img.dtype != np.uint8 else img
@@ -176,50 +176,6 @@ def clean(images: np.ndarray, labels: np.ndarray, max_copies: int = 3,
         rare_colour_max_kept=float(scores[~junk].max()) if (~junk).any() else 0.0,
         removed_indices=removed)
     return kept, report
-
-
-def removed_sheet(images: np.ndarray, labels: np.ndarray, report: CleaningReport, path: str,
-                  per_reason: int = 16) -> None:
-    """PNG contact sheet of what cleaning removed: one row of examples per reason (one per distinct image)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = []
-    for reason, idx in report.removed_indices.items():
-        seen, picked = set(), []
-        for i in idx:
-            h = hashlib.sha1(images[i].tobytes()).digest()
-            if h not in seen:
-                seen.add(h)
-                picked.append(i)
-            if len(picked) == per_reason:
-                break
-        if picked:
-            rows.append((reason, len(idx), picked))
-    cols = max([len(p) for _, _, p in rows], default=1)
-    fig, axes = plt.subplots(max(len(rows), 1), cols, figsize=(1.2 * cols + 1, 1.5 * max(len(rows), 1)),
-                             squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for r, (reason, total, picked) in enumerate(rows):
-        for c, i in enumerate(picked):
-            axes[r, c].imshow(images[i])
-            axes[r, c].set_title(f"#{i} y={labels[i]}", fontsize=6)
-        axes[r, 0].text(-0.1, 0.5, f"{reason}\n({total})", transform=axes[r, 0].transAxes, ha="right",
-                        va="center", fontsize=8)
-    if not rows:
-        axes[0, 0].text(0.5, 0.5, "nothing removed", ha="center", va="center")
-    fig.suptitle("Removed by cleaning (distinct images; total per reason in brackets)", fontsize=9)
-    save_figure(fig, path)
-
-
-def save_figure(fig, path: str) -> None:
-    """Save a matplotlib figure atomically."""
-    import matplotlib.pyplot as plt
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ---- splits and balance -----------------------------------------------------------------------------

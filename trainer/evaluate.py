@@ -1,33 +1,17 @@
-"""Metrics, plots and robustness scores of a trained model."""
+"""Score a model: Keras probabilities, the BatchNorm check, robustness tables, an exported model via model.py."""
 from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+import time
 
 import numpy as np
 
-from .config import CLASS_NAMES
-from .data import NUM_CLASSES, save_figure
-
-
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
-    """Accuracy, macro precision/recall/F1, per-class figures and the confusion matrix (rows = true)."""
-    cm = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
-    np.add.at(cm, (y_true, y_pred), 1)
-    tp = np.diag(cm).astype(np.float64)
-    support = cm.sum(1)
-    predicted = cm.sum(0)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0)
-    present = support > 0
-    return {
-        "n": int(len(y_true)),
-        "accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0,
-        "macro_precision": float(precision[present].mean()) if present.any() else 0.0,
-        "macro_recall": float(recall[present].mean()) if present.any() else 0.0,
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-        "per_class": {name: {"precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]),
-                             "support": int(support[c])} for c, name in enumerate(CLASS_NAMES)},
-        "confusion_matrix": cm.tolist(),
-    }
+from . import corrupt
+from .data import NUM_CLASSES
+from .metrics import classification_metrics
+from .staging import prepare_submission, variant
 
 
 def predict_probs(model, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
@@ -47,9 +31,9 @@ def train_vs_inference_mode(model, images: np.ndarray, labels: np.ndarray, batch
     import keras
     import tensorflow as tf
     x = images.astype(np.float32)
-    dropouts = [l for l in model._flatten_layers() if isinstance(l, keras.layers.Dropout)]
+    dropouts = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.Dropout)]
     rates = [d.rate for d in dropouts]
-    bns = [l for l in model._flatten_layers() if isinstance(l, keras.layers.BatchNormalization)]
+    bns = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
     moments = [bn.momentum for bn in bns]
     train_pred, infer_pred = [], []
     try:
@@ -74,7 +58,6 @@ def train_vs_inference_mode(model, images: np.ndarray, labels: np.ndarray, batch
 
 def robustness(predict, images: np.ndarray, labels: np.ndarray, seed: int, max_images: int = 500) -> dict:
     """Accuracy on a corrupted copy (1-3 random corruptions per image) and per family and severity."""
-    from . import corrupt
     mixed, _ = corrupt.corrupt_mix(images, seed=seed)
     result = {"corrupted": classification_metrics(labels, predict(mixed).argmax(1)), "per_family": {}}
     rng = np.random.default_rng(seed)
@@ -94,7 +77,6 @@ def robustness(predict, images: np.ndarray, labels: np.ndarray, seed: int, max_i
 def per_corruption(predict_labels, images: np.ndarray, labels: np.ndarray, severities=(1, 3, 5),
                    seed: int = 0) -> dict:
     """Accuracy under each single corruption at each severity: finds the one a family's average hides."""
-    from . import corrupt
     table = {}
     for name in corrupt.CORRUPTIONS:
         table[name] = {}
@@ -111,7 +93,6 @@ def errors_by_corruption(recipes: list, wrong: np.ndarray) -> dict:
     An image with two corruptions counts for both, so the rows say which corruptions the errors come with; they
     do not split the errors between them.
     """
-    from . import corrupt
     table = {name: {"images": 0, "wrong": 0, "images_sev45": 0, "wrong_sev45": 0} for name in corrupt.CORRUPTIONS}
     for recipe, bad in zip(recipes, wrong):
         for name, severity in recipe:
@@ -126,7 +107,6 @@ def errors_by_corruption(recipes: list, wrong: np.ndarray) -> dict:
 
 def errors_table(table: dict) -> str:
     """errors_by_corruption's result as aligned text, one row per corruption."""
-    from . import corrupt
     header = (("images", 7), ("wrong", 7), ("rate", 7), ("sev 4-5", 9), ("wrong", 7), ("rate", 7))
     lines = [f"{'corruption':<16}{'family':<13}" + "".join(f"{text:>{width}}" for text, width in header)]
     for name, r in table.items():
@@ -139,7 +119,6 @@ def errors_table(table: dict) -> str:
 
 def corruption_table(table: dict) -> str:
     """per_corruption's result as aligned text: one row per corruption, one column per severity."""
-    from . import corrupt
     severities = list(next(iter(table.values())))
     lines = [f"{'corruption':<16}{'family':<13}" + "".join(f"{'sev ' + s:>8}" for s in severities)]
     for name, row in table.items():
@@ -147,64 +126,10 @@ def corruption_table(table: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(history: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key in zip(axes, ("accuracy", "loss")):
-        for prefix, style in (("", "-"), ("val_", "--")):
-            values = history.get(prefix + key, [])
-            if values:
-                ax.plot(range(1, len(values) + 1), values, style, marker="o", markersize=3,
-                        label=("val " if prefix else "train ") + key)
-        ax.set_xlabel("epoch")
-        ax.set_title(key)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    save_figure(fig, path)
-
-
-def plot_confusion(cm: list, path: str, title: str = "Confusion matrix") -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    cm = np.asarray(cm)
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
-    ax.imshow(cm, cmap="Blues")
-    for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
-                color="white" if v > cm.max() / 2 else "black")
-    short = [n[:12] for n in CLASS_NAMES]
-    ax.set_xticks(range(NUM_CLASSES), short, rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(range(NUM_CLASSES), short, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    save_figure(fig, path)
-
-
-def plot_robustness(per_family: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for family, scores in per_family.items():
-        ax.plot(range(len(scores)), scores, marker="o", label=family)
-    ax.set_xlabel("severity (0 = clean)")
-    ax.set_ylabel("accuracy")
-    ax.set_title("Accuracy against corruption severity")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    save_figure(fig, path)
-
-
 # ---- scoring an exported model through submission/model.py -------------------------------------------
 
 def load_submission(folder: str, name: str):
     """Model() of the submission in folder, imported under its own module name so several can coexist."""
-    import importlib.util
-    import os
     spec = importlib.util.spec_from_file_location(name, os.path.join(folder, "model.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -221,10 +146,6 @@ def evaluate_exported(model_dir: str, images: np.ndarray, labels: np.ndarray | N
 
     model_dir is a submission folder (with model.py), or a run folder whose model goes under submission/model.py.
     """
-    import os
-    import tempfile
-    import time
-    from benchmark.bench import prepare_submission, variant
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     from_run = not os.path.exists(os.path.join(model_dir, "model.py"))
     source = os.path.join(root, "submission") if from_run else model_dir

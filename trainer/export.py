@@ -1,6 +1,8 @@
 """Export a Keras model to ONNX (tf2onnx, opset 17) with fused LayerNorm/GELU and a parity check."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 from tf2onnx import utils
 from tf2onnx.handler import tf_op
@@ -199,7 +201,6 @@ def _toposort(nodes):
                 visit(produced[i])
         order.append(n)
 
-    import sys
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 10 * len(nodes) + 1000))
     for n in nodes:
         visit(n)

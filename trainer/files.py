@@ -5,6 +5,8 @@ import json
 import os
 import shutil
 
+import numpy as np
+
 
 def _tmp_path(path: str) -> str:
     folder = os.path.dirname(os.path.abspath(path))
@@ -42,7 +44,6 @@ def copy(src: str, dst: str) -> None:
 def save_npz(path: str, **arrays) -> None:
     tmp = _tmp_path(path) + ".npz"
     try:
-        import numpy as np
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
     finally:

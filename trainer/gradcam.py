@@ -7,8 +7,11 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from .config import CLASS_NAMES, load_config
+from .evaluate import predict_probs
+from .registry import MODELS
 
 # Layers that pool the spatial axes away: their input is the last convolutional feature map.
 SPATIAL_POOLS = ("GlobalAveragePooling2D", "GlobalMaxPooling2D", "Flatten")
@@ -53,12 +56,16 @@ def classifiers(model) -> list:
 def gradient_model(model):
     """(model giving the last conv feature map and the input of the last Dense, that Dense layer).
 
-    Found by layer type, not name: the feature map is the input of the layer that pools the spatial axes away
-    (the ReLU of vanilla_cnn's last block, or the output of a nested keras.applications backbone), and the
-    class logits are the last Dense layer applied without its softmax.
+    The feature map is the input of the layer the registry entry names (feature_layer: the pooling that takes
+    the spatial axes away), found by layer type for a model from elsewhere; it is the ReLU of vanilla_cnn's last
+    block or the output of a nested keras.applications backbone. The class logits are the last Dense layer
+    applied without its softmax.
     """
     import keras
-    pool = next(layer for layer in model.layers if _is_a(layer, SPATIAL_POOLS))
+    # The registry names the layer whose input is the last feature map; an ensemble member is "fold<k>_<model>".
+    spec = MODELS.get(model.name.split("_", 1)[1] if model.name.startswith("fold") else model.name)
+    named = [layer for layer in model.layers if spec is not None and layer.name == spec.feature_layer]
+    pool = named[0] if named else next(layer for layer in model.layers if _is_a(layer, SPATIAL_POOLS))
     dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)][-1]
     if len(pool.input.shape) != 4:
         raise ValueError(f"{model.name}: {pool.name} gets a {len(pool.input.shape)}-D input, not a feature map")
@@ -121,19 +128,12 @@ def normalise(cams: np.ndarray) -> np.ndarray:
     return np.clip(scaled, 0.0, 1.0).astype(np.float32)
 
 
-def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """The image with the heatmap blended on in the jet colour map, uint8 RGB."""
-    import matplotlib
-    colours = matplotlib.colormaps["jet"](heatmap)[..., :3]
-    mixed = (1 - alpha) * image.astype(np.float32) / 255.0 + alpha * colours
-    return np.clip(mixed * 255.0 + 0.5, 0, 255).astype(np.uint8)
-
-
 # ---- a run's model and mistakes ----------------------------------------------------------------------
 
 def load_run_model(run_dir: str):
     """model.keras, or for a run that stopped early the config's model with its best saved weights; else None."""
     import keras
+
     from . import models
     path = os.path.join(run_dir, "model.keras")
     if os.path.exists(path):
@@ -152,7 +152,6 @@ def load_run_model(run_dir: str):
 
 def worst_mistakes(model, images: np.ndarray, labels: np.ndarray, n: int) -> list[Mistake]:
     """The n wrong predictions made with the highest confidence, with the Grad-CAM of the predicted class."""
-    from .evaluate import predict_probs
     probs = predict_probs(model, images)
     predicted = probs.argmax(1)
     confidence = probs.max(1)
@@ -187,28 +186,8 @@ def holdout_split(run_dir: str) -> str:
 # ---- pictures ----------------------------------------------------------------------------------------
 
 def png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def save_sheet(mistakes: list[Mistake], path: str, columns: int = 4) -> None:
-    """A PNG of the mistakes: image and overlay side by side, titled true -> predicted (confidence)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from .data import save_figure
-    rows = max(1, -(-len(mistakes) // columns))
-    fig, axes = plt.subplots(rows, 2 * columns, figsize=(2 * columns * 1.6, rows * 1.9), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for k, m in enumerate(mistakes):
-        left, right = axes[k // columns, 2 * (k % columns)], axes[k // columns, 2 * (k % columns) + 1]
-        left.imshow(m.image)
-        right.imshow(overlay(m.image, m.heatmap))
-        left.set_title(f"true {m.true_name[:13]}", fontsize=7)
-        right.set_title(f"pred {m.predicted_name[:13]} {m.confidence:.0%}", fontsize=7, color="firebrick")
-    if not mistakes:
-        axes[0, 0].text(0, 0.5, "no mistakes", fontsize=12)
-    save_figure(fig, path)

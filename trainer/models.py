@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Callable
 
 import keras
-import numpy as np
 from keras import layers
 
-from .config import Config
+from .config import Config, validate
 from .data import NUM_CLASSES
+from .registry import spec_of
 
 
 @keras.saving.register_keras_serializable(package="trainer")
@@ -45,36 +43,6 @@ class Preprocess(layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
-@dataclass(frozen=True)
-class Backbone:
-    build: Callable[..., keras.Model]
-    preprocess: str          # Preprocess mode the backbone expects on 0-255 input
-    min_size: int = 32       # smallest input side the architecture accepts
-
-
-def _apps(name: str) -> Callable[..., keras.Model]:
-    def build(**kwargs):
-        return getattr(keras.applications, name)(**kwargs)
-    return build
-
-
-BACKBONES: dict[str, Backbone] = {
-    "vgg16": Backbone(_apps("VGG16"), "caffe"),
-    "resnet50": Backbone(_apps("ResNet50"), "caffe"),
-    "densenet121": Backbone(_apps("DenseNet121"), "torch"),
-    "inception_v3": Backbone(_apps("InceptionV3"), "tf", min_size=75),
-    "efficientnet_v2_b0": Backbone(_apps("EfficientNetV2B0"), "raw"),
-    "efficientnet_v2_b3": Backbone(_apps("EfficientNetV2B3"), "raw"),
-    "convnext_tiny": Backbone(_apps("ConvNeXtTiny"), "raw"),
-    "convnext_small": Backbone(_apps("ConvNeXtSmall"), "raw"),
-    "convnext_base": Backbone(_apps("ConvNeXtBase"), "raw"),
-    "convnext_large": Backbone(_apps("ConvNeXtLarge"), "raw"),
-    "convnext_xlarge": Backbone(_apps("ConvNeXtXLarge"), "raw"),
-}
-
-MODEL_NAMES = ("vanilla_cnn", *BACKBONES)
-
-
 def depthwise_rebuild(model: keras.Model) -> keras.Model:
     """Clone a model with every grouped Conv2D that is really depthwise rebuilt as DepthwiseConv2D.
 
@@ -105,7 +73,7 @@ def depthwise_rebuild(model: keras.Model) -> keras.Model:
 
 
 def build_backbone(cfg: Config, input_shape: tuple[int, int, int]) -> keras.Model:
-    spec = BACKBONES[cfg.model]
+    spec = spec_of(cfg.model)
     weights = cfg.weights
     local_file = weights not in ("imagenet", "none", "", None)
     if local_file and not os.path.exists(weights):
@@ -113,10 +81,10 @@ def build_backbone(cfg: Config, input_shape: tuple[int, int, int]) -> keras.Mode
                                 f"or the path of a Keras weights file for {cfg.model} without its top")
     kwargs = dict(include_top=False, input_shape=input_shape,
                   weights="imagenet" if weights == "imagenet" else None)
-    if cfg.model.startswith(("convnext", "efficientnet_v2")):
+    if spec.own_preprocessing:
         kwargs["include_preprocessing"] = True
     try:
-        backbone = spec.build(**kwargs)
+        backbone = getattr(keras.applications, spec.keras_app)(**kwargs)
     except Exception as err:  # the download of ImageNet weights fails without internet
         if weights == "imagenet":
             raise RuntimeError(f"could not get ImageNet weights for {cfg.model} ({err}); without internet, "
@@ -125,7 +93,7 @@ def build_backbone(cfg: Config, input_shape: tuple[int, int, int]) -> keras.Mode
         raise
     if local_file:
         backbone.load_weights(weights)
-    if any(isinstance(l, layers.Conv2D) and l.groups > 1 for l in backbone.layers):
+    if spec.grouped_convs:
         backbone = depthwise_rebuild(backbone)
     return backbone
 
@@ -140,10 +108,7 @@ def vanilla_cnn(x, cfg: Config):
         x = layers.BatchNormalization(momentum=0.9)(x)
         return layers.Activation("relu")(x)
 
-    if cfg.first_block_convs not in (1, 2):
-        raise ValueError(f"first_block_convs is {cfg.first_block_convs}; use 2 (the full block) or 1 "
-                         "(one convolution less at 48x48, about 1.2x faster epochs: the cpu profile's choice)")
-    x = Preprocess("unit", name="preprocess")(x)
+    x = Preprocess(spec_of("vanilla_cnn").preprocess, name="preprocess")(x)
     x = conv_bn(x, cfg.width, strides=2)
     for i, mult in enumerate((1, 2, 4, 8)):
         # The 48x48 block costs the most per image: one of its two convolutions is the cheap thing to drop.
@@ -160,23 +125,20 @@ def build_model(cfg: Config, any_size: bool = False) -> keras.Model:
     any_size: vanilla_cnn only, an input of any height and width, for training at low_res_size first; the same
     weights go into a 96x96 build for everything after training.
     """
-    if cfg.model not in MODEL_NAMES:
-        raise ValueError(f"unknown model {cfg.model!r}; choose one of {', '.join(MODEL_NAMES)}")
-    if any_size and cfg.model != "vanilla_cnn":
+    validate(cfg)
+    spec = spec_of(cfg.model)
+    if any_size and not spec.any_size:
         raise ValueError(f"training at a low resolution first (--low-res-size) works with vanilla_cnn only, not "
                          f"{cfg.model}; use --low-res-size 0 or --model vanilla_cnn")
     keras.utils.set_random_seed(cfg.seed)
     inputs = keras.Input((None, None, 3) if any_size else (96, 96, 3), name="pixels")  # raw 0-255 RGB
     x = inputs
     size = cfg.input_size
-    if cfg.model == "vanilla_cnn":
+    if spec.keras_app is None:
         if size != 96:
             x = layers.Resizing(size, size, name="upscale")(x)
         x = vanilla_cnn(x, cfg)
     else:
-        spec = BACKBONES[cfg.model]
-        if size < spec.min_size:
-            raise ValueError(f"{cfg.model} needs input_size >= {spec.min_size}, got {size}")
         if size != 96:
             x = layers.Resizing(size, size, interpolation="bilinear", name="upscale")(x)
         if spec.preprocess != "raw":
@@ -187,7 +149,7 @@ def build_model(cfg: Config, any_size: bool = False) -> keras.Model:
         # A pretrained backbone keeps BatchNorm in inference mode, also while fine-tuning.
         x = backbone(x, training=False) if pretrained else backbone(x)
     reg = keras.regularizers.l2(cfg.l2) if cfg.l2 > 0 else None
-    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    x = layers.GlobalAveragePooling2D(name=spec.feature_layer)(x)
     x = layers.Dense(cfg.dense_units, activation="relu", kernel_regularizer=reg, name="head_dense")(x)
     x = layers.Dropout(cfg.dropout, name="head_dropout")(x)
     outputs = layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name="probs")(x)
@@ -196,7 +158,7 @@ def build_model(cfg: Config, any_size: bool = False) -> keras.Model:
 
 def backbone_of(model: keras.Model) -> keras.Model | None:
     """The nested backbone of a registry model, or None for vanilla_cnn."""
-    nested = [l for l in model.layers if isinstance(l, keras.Model)]
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
     return nested[0] if nested else None
 
 
@@ -221,7 +183,3 @@ def ensemble(models: list[keras.Model]) -> keras.Model:
         m.name = f"fold{i}_{m.name}"
         outs.append(m(inputs))
     return keras.Model(inputs, layers.Average(name="probs")(outs), name="ensemble")
-
-
-def count_params(model: keras.Model) -> int:
-    return int(sum(np.prod(w.shape) for w in model.weights))

@@ -10,9 +10,9 @@ import tempfile
 import time
 import traceback
 
-from . import files
+from . import files, gradcam
 from .config import Config
-from .runs import benchmark_of, duration, projected_s, read_json, run_date
+from .runs import benchmark_of, duration, read_history, read_json, run_date
 
 # The sections in page order: (id, title). Each appears only when the run has what it shows.
 SECTIONS = [("summary", "Summary"), ("config", "Config"), ("cleaning", "Cleaning"),
@@ -277,10 +277,10 @@ def curves(run: RunFolder) -> str:
     history = partial_history(run.dir)
     if not history:
         return ""
-    from .evaluate import plot_curves
+    from . import plots
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "curves.png")
-        plot_curves(history, path)
+        plots.curves(history, path)
         img = image_tag(path, "training curves so far")
     epochs = len(history.get("accuracy", []))
     return (f'<div class="figure">{img}<div class="muted">Accuracy and loss per epoch so far ({epochs} epochs, '
@@ -289,7 +289,6 @@ def curves(run: RunFolder) -> str:
 
 def partial_history(run_dir: str) -> dict:
     """The phases' history.csv logs joined, of the run or (K-fold) of its first fold."""
-    from .train import read_history
     history: dict[str, list] = {}
     for base in (run_dir, os.path.join(run_dir, "fold0")):
         for phase in ("phase_train", "phase_finetune"):
@@ -349,20 +348,19 @@ def benchmark(run: RunFolder) -> str:
     b = run.benchmark
     if not b:
         return ""
-    headline = {"verdict": b.get("verdict"), "projected_s": projected_s(b),
-                "limit_s": b.get("limit_s", (b.get("limits") or {}).get("limit_s")),
-                "margin": b.get("margin", (b.get("limits") or {}).get("margin"))}
+    headline = {"verdict": b.get("verdict"), "projected_s": b.get("projected_s"), "limit_s": b.get("limit_s"),
+                "margin": b.get("margin")}
     verdict = str(headline["verdict"] or "")
     cards = [card("verdict", verdict, "pass" if verdict.upper() == "PASS" else "fail")] if verdict else []
     cards += [card(k, fmt(v)) for k, v in headline.items() if k != "verdict" and v is not None]
     out = [f'<div class="cards">{"".join(cards)}</div>']
-    rows = [r for r in b.get("rows") or b.get("table") or [] if isinstance(r, dict)]
+    rows = [r for r in b.get("rows") or [] if isinstance(r, dict)]
     if rows:
         keys = list(dict.fromkeys(k for r in rows for k in r))
         numeric = {i for i, k in enumerate(keys) if all(isinstance(r.get(k), (int, float)) for r in rows)}
         cells = [[esc(fmt(r.get(k))) for k in keys] for r in rows]
         out.append(f'<div class="scroll">{table(keys, cells, numeric)}</div>')
-    rest = {k: v for k, v in b.items() if k not in headline and k not in ("rows", "table")}
+    rest = {k: v for k, v in b.items() if k not in headline and k != "rows"}
     plain = {k: v for k, v in rest.items() if not isinstance(v, (dict, list))}
     nested = {k: v for k, v in rest.items() if isinstance(v, (dict, list))}
     if plain:
@@ -402,7 +400,7 @@ def export_and_checks(run: RunFolder) -> str:
 
 def gradcam_gallery(run: RunFolder, n: int, mistakes=None) -> str:
     """Cards of the worst mistakes on the holdout images: image, Grad-CAM overlay, true and predicted class."""
-    from . import gradcam
+    from . import plots  # matplotlib, only for a page that has mistakes to draw
     if mistakes is None:
         if not run.has("holdout.npz") or n <= 0:
             return ""
@@ -418,7 +416,7 @@ def gradcam_gallery(run: RunFolder, n: int, mistakes=None) -> str:
         cards.append(
             '<div class="mistake">'
             f'{image_tag(gradcam.png_bytes(m.image), f"{split} image {m.index}", 128)} '
-            f'{image_tag(gradcam.png_bytes(gradcam.overlay(m.image, m.heatmap)), "Grad-CAM overlay", 128)}'
+            f'{image_tag(gradcam.png_bytes(plots.overlay(m.image, m.heatmap)), "Grad-CAM overlay", 128)}'
             f'<div>true <b>{esc(m.true_name)}</b></div>'
             f'<div class="pred">predicted {esc(m.predicted_name)} ({m.confidence:.1%})</div>'
             f'<div class="muted">{esc(split)} image #{m.index}</div></div>')

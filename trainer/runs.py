@@ -1,10 +1,13 @@
-"""A table of every run in runs/: settings, scores, export and benchmark; sortable, as text or Markdown."""
+"""Read run folders: one row per run for the runs table (text or Markdown, sortable), and phase histories."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
 import time
+
+from .registry import MODELS
 
 # (column, kind): kind says how it sorts and prints; numbers and dates sort descending, text ascending.
 COLUMNS = [("name", "text"), ("date", "date"), ("model", "text"), ("optimizer", "text"), ("notes", "text"),
@@ -53,7 +56,8 @@ def notes(cfg: dict, metrics: dict) -> str:
         out.append(f"balance {cfg['balance']}")
     if cfg.get("folds", 0) >= 2:
         out.append(f"{cfg['folds']}-fold")
-    if cfg.get("fine_tune_epochs") and cfg.get("model") != "vanilla_cnn":
+    spec = MODELS.get(cfg.get("model", ""))
+    if cfg.get("fine_tune_epochs") and spec is not None and spec.fine_tunable:
         out.append(f"fine-tune {cfg['fine_tune_epochs']}")
     if cfg.get("limit"):
         out.append(f"limit {cfg['limit']}")
@@ -69,12 +73,6 @@ def benchmark_of(run_dir: str) -> dict:
         if found:
             return found
     return {}
-
-
-def projected_s(bench: dict):
-    """The projected grading time, top-level or inside the projection block of older files."""
-    value = bench.get("projected_s")
-    return value if value is not None else (bench.get("projection") or {}).get("projected_s")
 
 
 def onnx_mb(run_dir: str, metrics: dict):
@@ -104,9 +102,19 @@ def run_row(run_dir: str) -> dict:
         "corrupted": corrupted.get("accuracy"),
         "f1": scored.get("macro_f1"),
         "onnx_mb": onnx_mb(run_dir, metrics),
-        "projected": projected_s(bench),
+        "projected": bench.get("projected_s"),
         "verdict": bench.get("verdict"),
     }
+
+
+def read_history(path: str) -> dict:
+    """History of a phase from its CSV log (survives a resume), one list per metric."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh))
+    return {k: [float(r[k]) for r in rows if r.get(k) not in (None, "")] for k in (rows[0] if rows else {})
+            if k != "epoch"}
 
 
 def collect(runs_dir: str = "runs") -> list[dict]:

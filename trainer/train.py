@@ -10,14 +10,18 @@ import time
 import numpy as np
 
 from . import data, files
-from .config import CLASS_NAMES, Config
+from . import evaluate as ev
+from .config import CLASS_NAMES, Config, validate
+from .metrics import classification_metrics
+from .registry import spec_of
+from .runs import read_history
 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-# ---- hardware, optimizers, callbacks ----------------------------------------------------------------
+# ---- hardware and optimizers -----------------------------------------------------------------
 
 def cpu_has_bfloat16() -> bool:
     """True on CPUs with bfloat16 matrix units (AMX or AVX512-BF16), where oneDNN trains faster in bfloat16."""
@@ -54,6 +58,7 @@ def for_inference(model, cfg: Config):
     Training may have run in mixed precision or, with low_res_size, on an input of any size.
     """
     import keras
+
     from .models import build_model
     if keras.mixed_precision.global_policy().name == "float32" and tuple(model.input_shape[1:3]) == (96, 96):
         return model
@@ -75,159 +80,7 @@ def make_optimizer(name: str, learning_rate: float, weight_decay: float):
         "rmsprop": lambda: opt.RMSprop(learning_rate),
         "lion": lambda: opt.Lion(learning_rate, weight_decay=wd),
     }
-    if name not in table:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(table)}")
-    return table[name]()
-
-
-def check_low_res(cfg: Config) -> None:
-    """Refuse low-resolution settings that cannot work, naming the fix."""
-    if not cfg.low_res_size:
-        return
-    if not 32 <= cfg.low_res_size < 96:
-        raise ValueError(f"low_res_size is {cfg.low_res_size}; use a size from 32 to 95 (64 is 1.9x cheaper "
-                         "an image than 96), or 0 to train at 96 throughout")
-    if not 0 < cfg.low_res_share < 1:
-        raise ValueError(f"low_res_share is {cfg.low_res_share}; use a share between 0 and 1, e.g. 0.5")
-    if cfg.model != "vanilla_cnn" or cfg.input_size != 96:
-        raise ValueError("training at a low resolution first (--low-res-size) works with vanilla_cnn at input_size "
-                         f"96, not {cfg.model} at {cfg.input_size}; use --low-res-size 0")
-    if cfg.folds >= 2 and cfg.time_budget_min:
-        # The folds share one budget, so a switch by the budget's share would leave the later folds no low epochs.
-        raise ValueError("--low-res-size with --folds switches by epochs, not by a shared time budget; use "
-                         "--time-budget-min 0 (and --epochs) with --folds, or drop --folds")
-
-
-def budget_spent(deadline: float, budget_min: float) -> float:
-    """Share of the run's time budget spent so far (a resume counts the minutes already spent)."""
-    budget_s = budget_min * 60
-    return (time.time() - (deadline - budget_s)) / budget_s
-
-
-def _callbacks(cfg: Config, phase_dir: str, deadline: float, base_lr: float, epochs: int,
-               clock: "EpochClock | None" = None, on_epoch_end=None, size=None):
-    import keras
-
-    class BestWeights(keras.callbacks.Callback):
-        """Keeps the best val-accuracy weights on disk, and remembers the best across a resume."""
-
-        def __init__(self):
-            super().__init__()
-            self.weights_path = os.path.join(phase_dir, "best.weights.h5")
-            self.state_path = os.path.join(phase_dir, "best.json")
-            self.best = -1.0
-            if os.path.exists(self.state_path) and os.path.exists(self.weights_path):
-                self.best = json.load(open(self.state_path))["val_accuracy"]
-
-        def on_epoch_end(self, epoch, logs=None):
-            score = (logs or {}).get("val_accuracy", -1.0)
-            if score > self.best:
-                self.best = score
-                tmp = self.weights_path + ".tmp.weights.h5"
-                self.model.save_weights(tmp)
-                os.replace(tmp, self.weights_path)
-                files.write_json(self.state_path, {"val_accuracy": score, "epoch": epoch + 1})
-
-    clock = clock or EpochClock(deadline)
-    # After the first full-size epoch, the time budget's forecast; low-resolution epochs would say too many.
-    forecast = {"epoch": None if size is not None else 0}
-
-    def spent(epoch: int) -> float:
-        return budget_spent(deadline, cfg.time_budget_min) if deadline else epoch / epochs
-
-    class Resolution(keras.callbacks.Callback):
-        """low_res_size for the first low_res_share of the time budget (or of the epochs), then 96."""
-
-        said = None
-
-        def on_epoch_begin(self, epoch, logs=None):
-            target = cfg.low_res_size if spent(epoch) < cfg.low_res_share else 96
-            size.assign(target)
-            if target != self.said:
-                self.said = target
-                log(f"resolution: {target}x{target} from epoch {epoch + 1}")
-            if target == 96 and forecast["epoch"] is None:
-                forecast["epoch"] = epoch
-
-    class TimeBudget(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            clock.begin()
-
-        def on_epoch_end(self, epoch, logs=None):
-            clock.end()
-            if on_epoch_end is not None:
-                on_epoch_end()
-            if epoch == forecast["epoch"]:
-                warning = budget_forecast(clock, epoch + 1, epochs)
-                if warning:
-                    log(warning)
-            if clock.epochs_left() < 1:
-                seconds = f"{min(clock.durations):.0f}-{max(clock.durations):.0f}"
-                log(f"time budget: no room for another epoch after epoch {epoch + 1} of {epochs} (epochs of "
-                    f"{seconds} s); stopping with the best weights so far. Fewer epochs usually score lower: "
-                    "a larger --time-budget-min fits more")
-                self.model.stop_training = True
-
-    class CosineDecay(keras.callbacks.Callback):
-        """Cosine decay of the learning rate to zero at the last epoch that fits, by count or by time budget.
-
-        Measured epoch times set the horizon, so a slow or shared machine still ends on a small learning rate
-        instead of being cut off at a large one.
-        """
-
-        def __init__(self, base_lr: float, epochs: int):
-            super().__init__()
-            self.base_lr, self.epochs = base_lr, epochs
-
-        def on_epoch_begin(self, epoch, logs=None):
-            if size is not None and deadline:
-                # Epochs change cost at the switch, so the horizon is counted in time, not in epochs.
-                self.rate = cosine_rate(self.base_lr, spent(epoch), 1.0)  # cosine_rate holds at the floor past 1
-            else:
-                last = min(self.epochs, epoch + clock.epochs_left())
-                self.rate = cosine_rate(self.base_lr, epoch, last)
-            self.model.optimizer.learning_rate = self.rate
-
-        def on_epoch_end(self, epoch, logs=None):
-            if logs is not None:
-                logs["learning_rate"] = self.rate  # for the CSV history, as ReduceLROnPlateau does
-
-    if cfg.schedule == "cosine":
-        # First, so that its learning_rate is in the logs when CSVLogger writes them.
-        before, after = [CosineDecay(base_lr, epochs)], []
-    elif cfg.schedule == "plateau":
-        before, after = [], [
-            keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=cfg.patience, restore_best_weights=True),
-            keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=cfg.lr_factor, patience=cfg.lr_patience,
-                                              min_lr=1e-7, verbose=1)]
-    else:
-        raise ValueError(f"unknown schedule {cfg.schedule!r}; choose plateau or cosine")
-    if size is not None:
-        before.append(Resolution())
-    return before + [keras.callbacks.BackupAndRestore(os.path.join(phase_dir, "backup")),
-                     keras.callbacks.CSVLogger(os.path.join(phase_dir, "history.csv"), append=True),
-                     BestWeights(), TimeBudget()] + after
-
-
-def budget_forecast(clock: "EpochClock", epochs_done: int, epochs: int) -> str | None:
-    """After the first epoch: how far the time budget will let the phase go, when it will not reach the end.
-
-    Said at once, so a slow machine shows in minutes, not at the end of the hour.
-    """
-    if not clock.deadline or not clock.durations:
-        return None
-    left = clock.epochs_left()
-    last = epochs_done + left
-    if left < 1 or last >= epochs:  # none left: the stop line says so; all fit: nothing to say
-        return None
-    return (f"time budget: at {clock.durations[-1]:.0f} s an epoch, training will stop near epoch {last} of "
-            f"{epochs}; fewer epochs usually score lower: a larger --time-budget-min or a faster machine fits more")
-
-
-def cosine_rate(base_lr: float, epoch: int, last_epoch: int) -> float:
-    """Half a cosine from base_lr at epoch 0 down to base_lr / 1000 at last_epoch and after."""
-    progress = min(1.0, epoch / max(1, last_epoch))
-    return max(base_lr * 0.5 * (1 + math.cos(math.pi * progress)), base_lr * 1e-3)
+    return table[name]()  # validate() has checked the name
 
 
 class RunTime:
@@ -238,7 +91,10 @@ class RunTime:
 
     def __init__(self, out_dir: str):
         self.path = os.path.join(out_dir, "run_time.json")
-        self.before = float(json.load(open(self.path))["seconds"]) if os.path.exists(self.path) else 0.0
+        self.before = 0.0
+        if os.path.exists(self.path):
+            with open(self.path) as fh:
+                self.before = float(json.load(fh)["seconds"])
         self.started = time.time()
 
     def seconds(self) -> float:
@@ -252,41 +108,6 @@ class RunTime:
         files.write_json(self.path, {"seconds": round(self.seconds(), 1)})
 
 
-class EpochClock:
-    """Times epochs and says how many more fit before a deadline (0 = no deadline: unlimited)."""
-
-    def __init__(self, deadline: float):
-        self.deadline = deadline
-        self.durations: list[float] = []
-        self.started = 0.0
-
-    def begin(self) -> None:
-        self.started = time.time()
-
-    def end(self) -> None:
-        self.durations.append(time.time() - self.started)
-
-    def epochs_left(self) -> int:
-        if not self.deadline:
-            return 1 << 30
-        if not self.durations:
-            return 1 << 30 if time.time() < self.deadline else 0
-        # The slowest recent epoch, so the deadline holds when the machine slows down mid-run.
-        per_epoch = max(self.durations[-3:])
-        return max(0, int((self.deadline - time.time()) // per_epoch))
-
-
-def read_history(path: str) -> dict:
-    """History of a phase from its CSV log (survives a resume), one list per metric."""
-    if not os.path.exists(path):
-        return {}
-    import csv
-    with open(path) as fh:
-        rows = list(csv.DictReader(fh))
-    return {k: [float(r[k]) for r in rows if r.get(k) not in (None, "")] for k in (rows[0] if rows else {})
-            if k != "epoch"}
-
-
 def precise_batchnorm(model, batches) -> int:
     """Recompute BatchNorm moving statistics as the exact average over these batches ("precise BN").
 
@@ -298,7 +119,8 @@ def precise_batchnorm(model, batches) -> int:
     """
     import keras
     import tensorflow as tf
-    bns = [l for l in model._flatten_layers() if isinstance(l, keras.layers.BatchNormalization) and l.trainable]
+    bns = [layer for layer in model._flatten_layers()
+           if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
     if not bns:
         return 0
     saved = [bn.momentum for bn in bns]
@@ -323,10 +145,12 @@ def fit(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray, train
     on_epoch_end, if given, is called after every epoch (the run records its time with it)."""
     import keras
     import tensorflow as tf
+
     from .augment import eval_dataset, train_dataset
+    from .callbacks import EpochClock, callbacks_for
     from .models import build_model, unfreeze
 
-    check_low_res(cfg)
+    validate(cfg)
     strategy, n_gpus = hardware_strategy(cfg)
     jit = bool(cfg.xla and n_gpus)
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
@@ -342,7 +166,7 @@ def fit(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray, train
     verbose = cfg.verbose if cfg.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
 
     phases = [("train", cfg.epochs, cfg.learning_rate)]
-    if cfg.fine_tune_epochs > 0 and cfg.model != "vanilla_cnn":
+    if cfg.fine_tune_epochs > 0 and spec_of(cfg.model).fine_tunable:
         phases.append(("finetune", cfg.fine_tune_epochs, cfg.fine_tune_lr))
     history: dict[str, list] = {}
     for phase, epochs, lr in phases:
@@ -364,13 +188,15 @@ def fit(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray, train
                 + (f"; at {cfg.low_res_size}x{cfg.low_res_size} for the first {cfg.low_res_share:.0%} of the "
                    f"{'time budget' if deadline else 'epochs'}, then at 96x96" if size is not None else ""))
             model.fit(train_ds, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds,
-                      callbacks=_callbacks(cfg, phase_dir, deadline, lr, epochs, on_epoch_end=on_epoch_end,
-                                           size=size),
+                      callbacks=callbacks_for(cfg, phase_dir, deadline, lr, epochs, on_epoch_end, size),
                       class_weight=weights, verbose=verbose)
         if os.path.exists(best):
             model.load_weights(best)
         if not os.path.exists(done):
-            state = json.load(open(os.path.join(phase_dir, "best.json"))) if os.path.exists(best) else {}
+            state = {}
+            if os.path.exists(best):
+                with open(os.path.join(phase_dir, "best.json")) as fh:
+                    state = json.load(fh)
             files.write_json(done, state)
         for k, v in read_history(os.path.join(phase_dir, "history.csv")).items():
             history.setdefault(k, []).extend(v)
@@ -392,13 +218,13 @@ def run_dir_for(cfg: Config) -> str:
     return os.path.join(cfg.runs_dir, name)
 
 
-def prepare_data(cfg: Config, out_dir: str):
-    """Load, clean (with report and contact sheet) and optionally subsample; returns images, labels."""
-    images, labels = data.load_npz(cfg.data, resize=cfg.resize)
+def prepare_data(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray):
+    """Clean (with report and contact sheet) and optionally subsample loaded images; returns images, labels."""
+    from . import plots
     keep, report = data.clean(images, labels, cfg.max_copies, cfg.rare_colour_threshold)
     log(report.summary())
     files.write_json(os.path.join(out_dir, "cleaning.json"), report.to_dict())
-    data.removed_sheet(images, labels, report, os.path.join(out_dir, "removed.png"))
+    plots.removed_sheet(images, labels, report, os.path.join(out_dir, "removed.png"))
     images, labels = images[keep], labels[keep]
     if cfg.limit:
         subset = data.stratified_subset(labels, cfg.limit, cfg.seed)
@@ -408,10 +234,10 @@ def prepare_data(cfg: Config, out_dir: str):
 
 
 def evaluate_split(model, images, labels, name: str, out_dir: str) -> dict:
-    from .evaluate import classification_metrics, plot_confusion, predict_probs
-    metrics = classification_metrics(labels, predict_probs(model, images).argmax(1))
-    plot_confusion(metrics["confusion_matrix"], os.path.join(out_dir, f"confusion_{name}.png"),
-                   f"Confusion matrix ({name}, accuracy {metrics['accuracy']:.4f})")
+    from . import plots
+    metrics = classification_metrics(labels, ev.predict_probs(model, images).argmax(1))
+    plots.confusion(metrics["confusion_matrix"], os.path.join(out_dir, f"confusion_{name}.png"),
+                    f"Confusion matrix ({name}, accuracy {metrics['accuracy']:.4f})")
     log(f"{name}: accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f} on {metrics['n']} images")
     return metrics
 
@@ -424,94 +250,97 @@ def settings_for(cfg: Config) -> dict:
 
 
 def train(cfg: Config) -> dict:
-    """Run everything for one config; return the metrics. Re-running the same name resumes."""
+    """Run everything for one config; return the metrics. Re-running the same name resumes.
+
+    The caller writes the run's report page (report.write_report), also when this raises: see __main__ and tune.
+    """
     import keras
-    from . import evaluate as ev
-    from .augment import augmented_samples, save_grid
+
+    from . import plots
+    from .augment import augmented_samples
     from .models import ensemble
 
     started = time.time()
+    validate(cfg)
+    # Load and check the data before the run folder exists: a bad file must not leave a run behind.
+    images, labels = data.load_npz(cfg.data, resize=cfg.resize)
     out_dir = run_dir_for(cfg)
     os.makedirs(out_dir, exist_ok=True)
     run_time = RunTime(out_dir)
-    try:
-        files.write_json(os.path.join(out_dir, "config.json"), cfg.to_dict())
-        log(f"run {cfg.name}: {out_dir}  (profile {cfg.profile}, model {cfg.model})")
-        keras.utils.set_random_seed(cfg.seed)
+    files.write_json(os.path.join(out_dir, "config.json"), cfg.to_dict())
+    log(f"run {cfg.name}: {out_dir}  (profile {cfg.profile}, model {cfg.model})")
+    keras.utils.set_random_seed(cfg.seed)
 
-        images, labels = prepare_data(cfg, out_dir)
-        train_idx, val_idx, test_idx = data.train_val_test(labels, cfg.val_fraction, cfg.test_fraction, cfg.seed,
-                                                           cfg.no_test_split)
-        files.save_npz(os.path.join(out_dir, "split.npz"), train=train_idx, val=val_idx, test=test_idx)
-        holdout = test_idx if len(test_idx) else val_idx  # what the benchmark scores
-        files.save_npz(os.path.join(out_dir, "holdout.npz"), images=images[holdout], labels=labels[holdout])
-        log(f"split: train {len(train_idx)}, val {len(val_idx)}, test {len(test_idx)}"
-            + (" (no test split: test joined train)" if cfg.no_test_split else ""))
-        save_grid(images[train_idx[:16]], augmented_samples(images[train_idx[:16]], cfg, 16),
-                  os.path.join(out_dir, "augmented.png"))
+    images, labels = prepare_data(cfg, out_dir, images, labels)
+    train_idx, val_idx, test_idx = data.train_val_test(labels, cfg.val_fraction, cfg.test_fraction, cfg.seed,
+                                                       cfg.no_test_split)
+    files.save_npz(os.path.join(out_dir, "split.npz"), train=train_idx, val=val_idx, test=test_idx)
+    holdout = test_idx if len(test_idx) else val_idx  # what the benchmark scores
+    files.save_npz(os.path.join(out_dir, "holdout.npz"), images=images[holdout], labels=labels[holdout])
+    log(f"split: train {len(train_idx)}, val {len(val_idx)}, test {len(test_idx)}"
+        + (" (no test split: test joined train)" if cfg.no_test_split else ""))
+    plots.augmentation_grid(images[train_idx[:16]], augmented_samples(images[train_idx[:16]], cfg, 16),
+              os.path.join(out_dir, "augmented.png"))
 
-        deadline = run_time.deadline(cfg.time_budget_min)
-        if run_time.before:
-            log(f"resuming: {run_time.before / 60:.1f} min of training time already spent"
-                + (f" of the {cfg.time_budget_min:g}-minute budget" if cfg.time_budget_min else ""))
-        if cfg.folds >= 2:
-            pool = np.sort(np.concatenate([train_idx, val_idx]))
-            models, fold_scores, history = [], [], {}
-            for k, (tr, va) in enumerate(data.kfold(labels[pool], cfg.folds, cfg.seed)):
-                log(f"fold {k + 1}/{cfg.folds}")
-                m, h = fit(cfg, os.path.join(out_dir, f"fold{k}"), images, labels, pool[tr], pool[va], deadline,
-                           run_time.save)
-                fold_scores.append(float((ev.predict_probs(m, images[pool[va]]).argmax(1) == labels[pool[va]]).mean()))
-                models.append(m)
-                history = history or h
-            model = ensemble(models)
-            cv = {"fold_val_accuracy": fold_scores, "mean": float(np.mean(fold_scores)),
-                  "std": float(np.std(fold_scores))}
-            log(f"cross-validation: {cv['mean']:.4f} +- {cv['std']:.4f} over {cfg.folds} folds")
-        else:
-            model, history = fit(cfg, out_dir, images, labels, train_idx, val_idx, deadline, run_time.save)
-            cv = None
-        run_time.save()
-        train_seconds = run_time.seconds()
+    deadline = run_time.deadline(cfg.time_budget_min)
+    if run_time.before:
+        log(f"resuming: {run_time.before / 60:.1f} min of training time already spent"
+            + (f" of the {cfg.time_budget_min:g}-minute budget" if cfg.time_budget_min else ""))
+    if cfg.folds >= 2:
+        pool = np.sort(np.concatenate([train_idx, val_idx]))
+        models, fold_scores, history = [], [], {}
+        for k, (tr, va) in enumerate(data.kfold(labels[pool], cfg.folds, cfg.seed)):
+            log(f"fold {k + 1}/{cfg.folds}")
+            m, h = fit(cfg, os.path.join(out_dir, f"fold{k}"), images, labels, pool[tr], pool[va], deadline,
+                       run_time.save)
+            fold_scores.append(float((ev.predict_probs(m, images[pool[va]]).argmax(1) == labels[pool[va]]).mean()))
+            models.append(m)
+            history = history or h
+        model = ensemble(models)
+        cv = {"fold_val_accuracy": fold_scores, "mean": float(np.mean(fold_scores)),
+              "std": float(np.std(fold_scores))}
+        log(f"cross-validation: {cv['mean']:.4f} +- {cv['std']:.4f} over {cfg.folds} folds")
+    else:
+        model, history = fit(cfg, out_dir, images, labels, train_idx, val_idx, deadline, run_time.save)
+        cv = None
+    run_time.save()
+    train_seconds = run_time.seconds()
 
-        files.write_json(os.path.join(out_dir, "history.json"), history)
-        ev.plot_curves(history, os.path.join(out_dir, "curves.png"))
-        tmp = os.path.join(out_dir, ".model.tmp.keras")
-        model.save(tmp)
-        os.replace(tmp, os.path.join(out_dir, "model.keras"))
+    files.write_json(os.path.join(out_dir, "history.json"), history)
+    plots.curves(history, os.path.join(out_dir, "curves.png"))
+    tmp = os.path.join(out_dir, ".model.tmp.keras")
+    model.save(tmp)
+    os.replace(tmp, os.path.join(out_dir, "model.keras"))
 
-        metrics = {"run": cfg.name, "profile": cfg.profile, "model": cfg.model, "train_seconds": round(train_seconds, 1),
-                   "epochs": len(history.get("accuracy", [])), "train_images": int(len(train_idx)),
-                   "val": evaluate_split(model, images[val_idx], labels[val_idx], "val", out_dir)}
-        if len(test_idx):
-            metrics["test"] = evaluate_split(model, images[test_idx], labels[test_idx], "test", out_dir)
-        if cv:
-            metrics["cross_validation"] = cv
-        sample = train_idx[:512]
-        # Compare the modes on training images as the model saw them: augmented, like the batches behind the
-        # moving statistics. On clean images the gap would also hold the augmentation's own shift.
-        seen = augmented_samples(images[sample], cfg, len(sample))
-        check = metrics["batchnorm_check"] = ev.train_vs_inference_mode(model, seen, labels[sample])
-        log(f"augmented train images: training-mode accuracy {check['training_mode_accuracy']:.4f}, "
-            f"inference-mode {check['inference_mode_accuracy']:.4f}"
-            + ("  WARNING: inference mode is worse: BatchNorm statistics are off" if check["gap"] > 0.05 else ""))
-        if cfg.robustness_images:
-            probs = lambda x: ev.predict_probs(model, x)  # noqa: E731
-            scored = holdout if len(holdout) else val_idx
-            rob = ev.robustness(probs, images[scored], labels[scored], cfg.seed, cfg.robustness_images)
-            metrics["robustness"] = rob
-            ev.plot_robustness(rob["per_family"], os.path.join(out_dir, "robustness.png"))
-            log(f"corrupted {'test' if len(test_idx) else 'val'}: accuracy {rob['corrupted']['accuracy']:.4f}")
+    metrics = {"run": cfg.name, "profile": cfg.profile, "model": cfg.model, "train_seconds": round(train_seconds, 1),
+               "epochs": len(history.get("accuracy", [])), "train_images": int(len(train_idx)),
+               "val": evaluate_split(model, images[val_idx], labels[val_idx], "val", out_dir)}
+    if len(test_idx):
+        metrics["test"] = evaluate_split(model, images[test_idx], labels[test_idx], "test", out_dir)
+    if cv:
+        metrics["cross_validation"] = cv
+    sample = train_idx[:512]
+    # Compare the modes on training images as the model saw them: augmented, like the batches behind the
+    # moving statistics. On clean images the gap would also hold the augmentation's own shift.
+    seen = augmented_samples(images[sample], cfg, len(sample))
+    check = metrics["batchnorm_check"] = ev.train_vs_inference_mode(model, seen, labels[sample])
+    log(f"augmented train images: training-mode accuracy {check['training_mode_accuracy']:.4f}, "
+        f"inference-mode {check['inference_mode_accuracy']:.4f}"
+        + ("  WARNING: inference mode is worse: BatchNorm statistics are off" if check["gap"] > 0.05 else ""))
+    if cfg.robustness_images:
+        probs = lambda x: ev.predict_probs(model, x)  # noqa: E731
+        scored = holdout if len(holdout) else val_idx
+        rob = ev.robustness(probs, images[scored], labels[scored], cfg.seed, cfg.robustness_images)
+        metrics["robustness"] = rob
+        plots.robustness(rob["per_family"], os.path.join(out_dir, "robustness.png"))
+        log(f"corrupted {'test' if len(test_idx) else 'val'}: accuracy {rob['corrupted']['accuracy']:.4f}")
+    files.write_json(os.path.join(out_dir, "metrics.json"), metrics)
+
+    if cfg.export:
+        metrics["export"] = export_run(cfg, model, images[holdout[:64]], out_dir)
         files.write_json(os.path.join(out_dir, "metrics.json"), metrics)
-
-        if cfg.export:
-            metrics["export"] = export_run(cfg, model, images[holdout[:64]], out_dir)
-            files.write_json(os.path.join(out_dir, "metrics.json"), metrics)
-        log(f"done in {time.time() - started:.0f} s: {out_dir}")
-        return metrics
-    finally:  # a run that stopped early still gets a page with what it has
-        from .report import write_report
-        write_report(out_dir)
+    log(f"done in {time.time() - started:.0f} s: {out_dir}")
+    return metrics
 
 
 def export_run(cfg: Config, model, check_images: np.ndarray, out_dir: str) -> dict:

@@ -3,22 +3,26 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import fields
 
 from . import files
-from .config import Config, make_config
+from .config import GEOMETRY, TRANSFORMS, Config, make_config
+from .report import write_report
+from .train import run_dir_for, train
 
 # Each candidate adds to the one before, so the table reads as an ablation from "no augmentation" upwards.
-# Every augmentation field is set in every candidate, so the base profile's own recipe never leaks in.
-_OFF = dict(flip=False, rot90=False, rotation=0.0, zoom=0.0, shift=0.0, shear=0.0, black_fill=0.0,
-            randaugment=False, contrast=0.0, brightness=0.0, saturation=0.0, hue=0.0, noise_std=0.0, blur=0.0,
-            erase=0.0, corrupt=0.0, mixup_alpha=0.0, cutmix_alpha=0.0)
+# Every augmentation field is set in every candidate (its "off" value from the config's metadata unless a step
+# turns it on), so the base profile's own recipe never leaks in.
+_OFF = {f.name: f.metadata["off"] for f in fields(Config) if f.metadata["group"] in (GEOMETRY, TRANSFORMS)}
 _STEPS = [
     ("none", {}),
     ("geometry", dict(flip=True, rot90=True, rotation=0.5, zoom=0.1, shift=0.1)),
     ("geometry+colour", dict(contrast=0.2, brightness=0.15, saturation=0.3, noise_std=5.0)),
-    ("geometry+colour+randaugment", dict(randaugment=True)),
+    ("geometry+colour+randaugment", dict(randaugment=True, randaugment_magnitude=0.3, randaugment_layers=2,
+                                         randaugment_rate=0.7)),
     ("+blur+erase", dict(erase=0.5, blur=1.5)),
-    ("+corruptions", dict(corrupt=0.5)),
+    ("+corruptions", dict(corrupt=0.5, corrupt_ops=2, corrupt_strength=1.0)),
+    ("+JPEG and strong zoom", dict(corrupt_ops=3, corrupt_jpeg=True, corrupt_zoom=0.6)),
     ("+black borders", dict(black_fill=0.3)),
     ("+wide geometry", dict(zoom=0.6, shear=0.3)),
     ("+mixup/cutmix", dict(mixup_alpha=0.2, cutmix_alpha=1.0)),
@@ -32,7 +36,6 @@ for _name, _step in _STEPS:
 
 def tune(base: Config, budget_min: float, names: list[str] | None = None) -> list[dict]:
     """Train each candidate with the base config's short settings until the time budget is spent."""
-    from .train import train
     started = time.time()
     folder = os.path.join(base.runs_dir, base.name or f"tune-{time.strftime('%Y%m%d-%H%M%S')}")
     rows = []
@@ -45,7 +48,12 @@ def tune(base: Config, budget_min: float, names: list[str] | None = None) -> lis
                   "export": False, "submission_dir": ""}
         cfg = Config(**values)
         t0 = time.time()
-        metrics = train(cfg)
+        out_dir = run_dir_for(cfg)
+        try:
+            metrics = train(cfg)
+        finally:  # every candidate gets its page, also one that stopped with an error
+            if os.path.isdir(out_dir):
+                write_report(out_dir)
         scored = metrics.get("test") or metrics["val"]
         corrupted = metrics.get("robustness", {}).get("corrupted", {}).get("accuracy", float("nan"))
         rows.append({"candidate": name, "clean": scored["accuracy"], "corrupted": corrupted,
