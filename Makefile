@@ -1,4 +1,4 @@
-# The whole workflow: make setup | train | benchmark | zip | test | runs
+# The whole workflow: make setup | train | benchmark | zip | test (make help lists every target)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -20,9 +20,12 @@ VENDOR_ORT ?= 0
 SKIP_BENCHMARK ?= 0
 OUT ?=
 
-.PHONY: setup train benchmark zip test runs augment evaluate tune clean-venv
+.PHONY: help setup train benchmark zip test runs augment evaluate tune options clean-venv
 
-setup: $(STAMP)
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /\1\t/' | expand -t 12
+
+setup: $(STAMP)  ## virtual environment in .venv with the pinned packages (about a minute)
 
 $(STAMP): requirements.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,32 +33,36 @@ $(STAMP): requirements.txt constraints.txt
 	$(PY) -m pip install -r requirements.txt -c constraints.txt
 	touch $(STAMP)
 
-train: $(STAMP)
+train: $(STAMP)  ## clean, split, train, evaluate, export one run (PROFILE=cpu: about 57 min)
 	$(PY) -m trainer train --data $(DATA) $(if $(PROFILE),--profile $(PROFILE)) $(if $(NAME),--name $(NAME)) $(ARGS)
 
-augment: $(STAMP)
+augment: $(STAMP)  ## save augmented.png: training samples after augmentation
 	$(PY) -m trainer augment --data $(DATA) $(if $(PROFILE),--profile $(PROFILE)) --out augmented.png $(ARGS)
 
-benchmark: $(STAMP)
+benchmark: $(STAMP)  ## run the submission as Codabench would; PASS when it fits the time limit
 	$(PY) -m benchmark $(if $(RUN),--run $(RUN)) $(if $(TEST),--test $(TEST)) $(if $(N),--n $(N)) \
 		--cpus $(CPUS) --limit $(LIMIT) --margin $(MARGIN) $(ARGS)
 
-zip: $(STAMP)
+zip: $(STAMP)  ## dist/submission.zip, after checking that it runs (RUN=runs/<name> for another run)
 	$(PY) -m benchmark.pack $(if $(RUN),--run $(RUN)) $(if $(filter 1,$(VENDOR_ORT)),--vendor-ort) \
 		$(if $(filter 1,$(SKIP_BENCHMARK)),--skip-benchmark) $(if $(OUT),--out $(OUT)) \
 		--cpus $(CPUS) --limit $(LIMIT) --margin $(MARGIN)
 
-evaluate: $(STAMP)
+evaluate: $(STAMP)  ## score RUN (default submission/) on TEST (default DATA); ARGS="--corrupt"
 	$(PY) -m trainer evaluate --model $(if $(RUN),$(RUN),submission) --data $(if $(TEST),$(TEST),$(DATA)) $(ARGS)
 
-tune: $(STAMP)
+tune: $(STAMP)  ## short runs of augmentation candidates, clean and corrupted
 	$(PY) -m trainer tune --data $(DATA) $(if $(PROFILE),--profile $(PROFILE)) $(ARGS)
 
-runs: $(STAMP)
+runs: $(STAMP)  ## table of every run in runs/
 	$(PY) -m trainer runs $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP)  ## ruff, then the test suite (8-13 min on 2 cores)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests $(ARGS)
 
-clean-venv:
+options: $(STAMP)  ## regenerate docs/options.md from trainer/config.py
+	$(PY) -m trainer options > docs/options.md
+
+clean-venv:  ## remove .venv
 	rm -rf $(VENV)
