@@ -6,6 +6,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -187,11 +188,16 @@ def fit(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray, train
             log(f"phase {phase}: {epochs} epochs of {steps} steps, lr {lr:g}, {len(fit_idx)} training images"
                 + (f"; at {cfg.low_res_size}x{cfg.low_res_size} for the first {cfg.low_res_share:.0%} of the "
                    f"{'time budget' if deadline else 'epochs'}, then at 96x96" if size is not None else ""))
-            model.fit(train_ds, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds,
+            # shuffle=False: train_dataset shuffles; Keras cannot shuffle a tf.data.Dataset and warns if asked to.
+            model.fit(train_ds, shuffle=False, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds,
                       callbacks=callbacks_for(cfg, phase_dir, deadline, lr, epochs, on_epoch_end, size),
                       class_weight=weights, verbose=verbose)
         if os.path.exists(best):
-            model.load_weights(best)
+            with warnings.catch_warnings():
+                # The file holds the optimizer's state too; only the model's weights are wanted, so a fresh
+                # optimizer that has not built its variables yet is expected to skip it.
+                warnings.filterwarnings("ignore", "Skipping variable loading for optimizer", UserWarning)
+                model.load_weights(best)
         if not os.path.exists(done):
             state = {}
             if os.path.exists(best):
