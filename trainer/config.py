@@ -266,14 +266,18 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _span(meta) -> str:
+    """A field's choices ("1, 2") or inclusive range ("0.0 .. 0.95", "1 .. "), or "" when it has neither."""
+    if meta["choices"] is not None:
+        return ", ".join(map(str, meta["choices"]))
+    if meta["low"] is None and meta["high"] is None:
+        return ""
+    return f"{'' if meta['low'] is None else meta['low']} .. {'' if meta['high'] is None else meta['high']}"
+
+
 def _help_of(f: dataclasses.Field) -> str:
-    meta = f.metadata
-    text = meta["help"]
-    if meta.get("choices") is not None and f.name != "model":
-        text += f" {{{', '.join(map(str, meta['choices']))}}}"
-    elif meta.get("low") is not None or meta.get("high") is not None:
-        text += f" [{meta.get('low', '')}..{meta.get('high', '')}]"
-    return f"{text} (default {f.default!r})"
+    span = "" if f.name == "model" else _span(f.metadata)  # the models: python -m trainer train --help is long
+    return f"{f.metadata['help']}{f' [{span}]' if span else ''} (default {f.default!r})"
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -331,10 +335,7 @@ def options_markdown() -> str:
             meta = f.metadata
             if meta["group"] != group or f.name == "profile":
                 continue
-            span = ", ".join(map(str, meta["choices"])) if meta.get("choices") is not None else \
-                f"{'' if meta['low'] is None else meta['low']} .. {'' if meta['high'] is None else meta['high']}" \
-                if meta.get("low") is not None or meta.get("high") is not None else ""
-            lines.append(f"| `{flag(f.name)}` | {f.type} | `{f.default!r}` | {span} | "
+            lines.append(f"| `{flag(f.name)}` | {f.type} | `{f.default!r}` | {_span(meta)} | "
                          f"{'yes' if meta['resume'] else ''} | {meta['help'].replace('|', '/').replace('<', '&lt;')} |")
         lines.append("")
     return "\n".join(lines)

@@ -13,8 +13,8 @@ from .config import CLASS_NAMES, load_config
 from .evaluate import predict_probs
 from .registry import MODELS
 
-# Layers that pool the spatial axes away: their input is the last convolutional feature map.
-SPATIAL_POOLS = ("GlobalAveragePooling2D", "GlobalMaxPooling2D", "Flatten")
+# The layers the registry's models pool their last feature map with (models.build_model names them so).
+FEATURE_LAYERS = frozenset(spec.feature_layer for spec in MODELS.values())
 
 
 @dataclass
@@ -38,34 +38,27 @@ class Mistake:
 
 # ---- heatmaps ----------------------------------------------------------------------------------------
 
-def _is_a(layer, names) -> bool:
-    return type(layer).__name__ in names
-
-
 def classifiers(model) -> list:
     """The models to explain: the model itself, or the members of an ensemble (which has no pooling of its own)."""
     import keras
-    if any(_is_a(layer, SPATIAL_POOLS) for layer in model.layers):
+    if any(layer.name in FEATURE_LAYERS for layer in model.layers):
         return [model]
     members = [layer for layer in model.layers if isinstance(layer, keras.Model)]
     if not members:
-        raise ValueError(f"{model.name}: no spatial pooling layer and no nested models; Grad-CAM needs a conv net")
+        raise ValueError(f"{model.name}: no pooling layer named {sorted(FEATURE_LAYERS)} and no nested models; "
+                         "Grad-CAM explains the models trainer.models builds")
     return members
 
 
 def gradient_model(model):
     """(model giving the last conv feature map and the input of the last Dense, that Dense layer).
 
-    The feature map is the input of the layer the registry entry names (feature_layer: the pooling that takes
-    the spatial axes away), found by layer type for a model from elsewhere; it is the ReLU of vanilla_cnn's last
-    block or the output of a nested keras.applications backbone. The class logits are the last Dense layer
-    applied without its softmax.
+    The feature map is the input of the registry's feature_layer, the pooling that takes the spatial axes away:
+    the ReLU of vanilla_cnn's last block or the output of a nested keras.applications backbone. The class logits
+    are the last Dense layer applied without its softmax.
     """
     import keras
-    # The registry names the layer whose input is the last feature map; an ensemble member is "fold<k>_<model>".
-    spec = MODELS.get(model.name.split("_", 1)[1] if model.name.startswith("fold") else model.name)
-    named = [layer for layer in model.layers if spec is not None and layer.name == spec.feature_layer]
-    pool = named[0] if named else next(layer for layer in model.layers if _is_a(layer, SPATIAL_POOLS))
+    pool = next(layer for layer in model.layers if layer.name in FEATURE_LAYERS)
     dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)][-1]
     if len(pool.input.shape) != 4:
         raise ValueError(f"{model.name}: {pool.name} gets a {len(pool.input.shape)}-D input, not a feature map")

@@ -151,7 +151,6 @@ def fit(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray, train
     from .callbacks import EpochClock, callbacks_for
     from .models import build_model, unfreeze
 
-    validate(cfg)
     strategy, n_gpus = hardware_strategy(cfg)
     jit = bool(cfg.xla and n_gpus)
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
