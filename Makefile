@@ -16,11 +16,11 @@ N ?=
 CPUS ?= 2
 LIMIT ?= 6000
 MARGIN ?= 0.5
-VENDOR_ORT ?= 0
+LEAN ?= 0
 SKIP_BENCHMARK ?= 0
 OUT ?=
 
-.PHONY: help setup train benchmark zip test runs augment evaluate tune options clean-venv
+.PHONY: help setup train benchmark zip grader-check test runs augment evaluate tune options clean-venv
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /\1\t/' | expand -t 12
@@ -44,9 +44,12 @@ benchmark: $(STAMP)  ## run the submission as Codabench would; PASS when it fits
 		--cpus $(CPUS) --limit $(LIMIT) --margin $(MARGIN) $(ARGS)
 
 zip: $(STAMP)  ## dist/submission.zip, after checking that it runs (RUN=runs/<name> for another run)
-	$(PY) -m benchmark.pack $(if $(RUN),--run $(RUN)) $(if $(filter 1,$(VENDOR_ORT)),--vendor-ort) \
+	$(PY) -m benchmark.pack $(if $(RUN),--run $(RUN)) $(if $(filter 1,$(LEAN)),--lean) \
 		$(if $(filter 1,$(SKIP_BENCHMARK)),--skip-benchmark) $(if $(OUT),--out $(OUT)) \
 		--cpus $(CPUS) --limit $(LIMIT) --margin $(MARGIN)
+
+grader-check: $(STAMP)  ## the grader matrix on dist/submission.zip (ZIP=...): Python 3.9-3.13, TensorFlow 2.17
+	$(PY) -m benchmark.grader $(if $(ZIP),--zip $(ZIP)) $(if $(N),--n $(N))
 
 evaluate: $(STAMP)  ## score RUN (default submission/) on TEST (default DATA); ARGS="--corrupt"
 	$(PY) -m trainer evaluate --model $(if $(RUN),$(RUN),submission) --data $(if $(TEST),$(TEST),$(DATA)) $(ARGS)

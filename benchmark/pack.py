@@ -1,8 +1,10 @@
-"""Build the Codabench upload zip (flat: model.py, the ONNX model, settings.json) only after checking that it runs."""
+"""Build the Codabench upload zip (model.py, its interpreter, the ONNX model, settings.json, onnxruntime wheels) after
+checking that it runs."""
 from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -15,14 +17,18 @@ import zipfile
 
 import numpy as np
 
+from . import grader
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_PY = os.path.join(ROOT, "submission", "model.py")
+INTERPRETER_PY = os.path.join(ROOT, "submission", "interpreter.py")
 WHEEL_CACHE = os.path.join(ROOT, "dist", "wheels")
-VENDOR_PYTHONS = ("3.10", "3.11", "3.12")
+VENDOR_PYTHONS = grader.PYTHONS
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 MAX_ZIP_MIB = 512  # Codabench rejects a submission over 512 MiB whole; refuse above it
-WARN_ZIP_MB = 50   # some Codabench users report uploads failing above about this size
 CHECK_IMAGES = 16      # images the unpacked zip must predict
+INTERPRETER_IMAGES = 4  # images the interpreter runtimes must label as onnxruntime does (1 view each)
+PROJECT_IMAGES = 10000  # the grader's test size, for the projected times
 BENCHMARK_IMAGES = 256  # real images for the time-limit check when the run has no holdout.npz
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed, so the same inputs give the same zip
 
@@ -33,10 +39,6 @@ class Refused(Exception):
 
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def mb(size: int) -> str:
-    return f"{size / 1e6:.2f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
 
 
 # ---- what goes in -----------------------------------------------------------------------------------------
@@ -51,8 +53,9 @@ def find_run(run: str) -> str:
 def sources(run: str | None) -> tuple[dict, dict]:
     """{name in zip: source path} for model.py, the ONNX model and settings.json, and the settings."""
     folder = find_run(run) if run else os.path.join(ROOT, "submission")
-    if not os.path.isfile(MODEL_PY):
-        raise Refused(f"{MODEL_PY} is missing; restore it from git")
+    for path in (MODEL_PY, INTERPRETER_PY):
+        if not os.path.isfile(path):
+            raise Refused(f"{path} is missing; restore it from git")
     settings_path = os.path.join(folder, "settings.json")
     if not os.path.isfile(settings_path):
         raise Refused(f"no settings.json in {folder}; train first (make train) or pass RUN=runs/<name>")
@@ -67,13 +70,37 @@ def sources(run: str | None) -> tuple[dict, dict]:
     onnx_path = os.path.join(folder, model_file)
     if not os.path.isfile(onnx_path):
         raise Refused(f"no {model_file} in {folder}; train first (make train) or pass RUN=runs/<name>")
-    return {"model.py": MODEL_PY, model_file: onnx_path, "settings.json": settings_path}, settings
+    return {"model.py": MODEL_PY, "interpreter.py": INTERPRETER_PY, model_file: onnx_path,
+            "settings.json": settings_path}, settings
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def settings_with_sha(members: dict, settings: dict, model_file: str, work: str) -> None:
+    """Refuse a model file that settings.json was not written for; add the sha256 where an older run lacks it."""
+    actual = sha256_of(members[model_file])
+    expected = settings.get("model_sha256")
+    if expected and expected != actual:
+        raise Refused(f"{members[model_file]} is not the model its settings.json was written for (sha256 "
+                      f"{actual[:12]}..., expected {expected[:12]}...); copy model.onnx and settings.json from the "
+                      f"same run (make zip RUN=runs/<name>)")
+    if not expected:
+        path = os.path.join(work, "settings.json")
+        write_json(path, {**settings, "model_sha256": actual})
+        members["settings.json"] = path
+        log(f"note: settings.json had no model_sha256; the zip's copy carries {actual[:12]}...")
 
 
 def check_onnx(path: str, input_name: str) -> None:
     """The model loads in ONNX Runtime and takes (batch, 96, 96, 3) pixels to (batch, 8) probabilities."""
     import onnxruntime as ort
-    ort.set_default_logger_severity(3)  # errors only: its warnings would bury the one line that matters
+    ort.set_default_logger_severity(4)  # fatal only: its logs would bury the one line that says what failed
     try:
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001  onnxruntime raises its own exception types
@@ -211,63 +238,79 @@ def unpack(zip_path: str, folder: str) -> list[str]:
         return zf.namelist()
 
 
-# Runs in a fresh `python -I` from another working directory: TensorFlow, Keras and the trainer cannot be imported,
-# and with vendored wheels neither can the installed onnxruntime, so the wheel in the zip is what gets used.
-CHECK_SCRIPT = r'''
-import importlib.abc, importlib.machinery, json, os, sys
-folder, images_path, vendored = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-site_dirs = [p for p in sys.path if p.endswith("site-packages")]
+def glibc_of(wheel: str) -> str:
+    """The oldest glibc a manylinux wheel runs on, from its platform tags."""
+    tags = os.path.basename(wheel)[:-len(".whl")].split("-")[-1].split(".")
+    versions = []
+    for tag in tags:
+        if tag.startswith("manylinux_"):
+            major, minor = tag.split("_")[1:3]
+            versions.append((int(major), int(minor)))
+        elif tag.startswith("manylinux2014"):
+            versions.append((2, 17))
+    return "glibc >= %d.%d" % min(versions) if versions else "?"
 
-class Blocker(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        top = name.split(".")[0]
-        if top in ("tensorflow", "keras", "tf2onnx", "trainer"):
-            raise ModuleNotFoundError(f"{top} is not available on Codabench: model.py must not import it")
-        if vendored and top == "onnxruntime":
-            spec = importlib.machinery.PathFinder.find_spec(name, path)
-            if spec is not None and any((spec.origin or "").startswith(d) for d in site_dirs):
-                raise ModuleNotFoundError("the installed onnxruntime is hidden, to test the vendored wheel")
-        return None
 
-sys.meta_path.insert(0, Blocker())
+# Runs in a separate process, so that TensorFlow's start-up lines and memory stay out of make zip's own.
+INTERPRETER_CHECK = r'''
+import importlib.util, json, os, sys, time
 import numpy as np
-sys.path.insert(0, folder)
-from model import Model
-x = np.load(images_path)
-model = Model()
-labels = model.predict(x)
-problems = []
-if not isinstance(labels, np.ndarray) or labels.shape != (len(x),):
-    problems.append(f"predict returned {type(labels).__name__} of shape {getattr(labels, 'shape', None)}, "
-                    f"expected an array of shape ({len(x)},)")
-elif labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() > 7:
-    problems.append(f"predict returned dtype {labels.dtype} with values {sorted(set(labels.tolist()))}, "
-                    f"expected integers 0-7")
-if problems:
-    sys.exit("; ".join(problems))
-print(json.dumps({"labels": labels.tolist(), "tta_report": getattr(model, "tta_report", {})}, default=str))
+unpacked, backend, images_path = sys.argv[1:4]
+spec = importlib.util.spec_from_file_location("zip_interpreter", os.path.join(unpacked, "interpreter.py"))
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+with open(os.path.join(unpacked, "settings.json")) as fh:
+    model_file = json.load(fh).get("model_file", "model.onnx")
+with open(os.path.join(unpacked, model_file), "rb") as fh:
+    graph = module.Graph(fh.read())
+missing = module.unsupported_ops(graph)
+if missing:
+    print(json.dumps({"checked": "no: lacks ops " + ", ".join(missing)}))
+    sys.exit(0)
+if backend == "tensorflow":
+    try:
+        import tensorflow as tf
+    except ImportError:
+        print(json.dumps({"checked": "no: no TensorFlow here"}))
+        sys.exit(0)
+    ops, version = module.TensorFlowOps(tf), "TensorFlow " + tf.__version__
+else:
+    ops, version = module.NumpyOps(), "numpy " + np.__version__
+interpreter = module.Interpreter(graph, ops)
+x = np.load(images_path).astype(np.float32)
+interpreter.run(x[:1])
+started = time.perf_counter()
+labels = interpreter.run(x).argmax(1)
+print(json.dumps({"checked": "here, %s, %d images" % (version, len(x)), "labels": labels.tolist(),
+                  "per_image_s": (time.perf_counter() - started) / len(x)}))
 '''
 
 
-def check_zip(zip_path: str, images: np.ndarray, vendored: bool, work: str) -> dict:
-    """Unpack the zip, import it in a fresh Python from another folder and predict real images."""
-    unpacked = os.path.join(work, "unpacked")
-    elsewhere = os.path.join(work, "elsewhere")
-    os.makedirs(unpacked)
-    os.makedirs(elsewhere)
-    unpack(zip_path, unpacked)
-    images_path = os.path.join(work, "images.npy")
-    np.save(images_path, images)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    done = subprocess.run([sys.executable, "-I", "-c", CHECK_SCRIPT, unpacked, images_path, "1" if vendored else "0"],
-                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900)
+def check_interpreter(unpacked: str, backend: str, images: np.ndarray, reference: np.ndarray, work: str) -> dict:
+    """The zip's interpreter.py (`backend` numpy or tensorflow) on real images: the same labels as onnxruntime?"""
+    path = os.path.join(work, f"interpreter_{backend}.npy")
+    np.save(path, images)
+    done = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK, unpacked, backend, path], capture_output=True,
+                          text=True, timeout=1800)
     if done.returncode != 0:
-        lines = done.stderr.strip().splitlines() or ["no output"]
-        for line in lines[-15:]:
-            log(f"  | {line}")
-        raise Refused(f"the unpacked zip does not predict in a fresh Python without TensorFlow: {lines[-1]} "
-                      f"(traceback above)")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        raise Refused(f"interpreter.py ({backend}) failed on the zip's model: "
+                      f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}; report this as a bug")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    ran = "labels" in result
+    return {"checked": result["checked"], "per_image_s": result.get("per_image_s"),
+            "same": bool(np.array_equal(result["labels"], reference)) if ran else None}
+
+
+def runtime_table(rows: list[dict], zip_size: int) -> str:
+    """Each runtime path the zip can take: what it needs, whether and how it was checked, projected grader time."""
+    header = ("runtime path", "needs", "checked", "labels", f"{PROJECT_IMAGES:,} imgs, 1 view")
+    body = [(r["path"], r["needs"], r["checked"], "-" if r["same"] is None else ("same" if r["same"] else "DIFFER"),
+             "-" if not r.get("per_image_s") else f"{r['per_image_s'] * PROJECT_IMAGES:,.0f} s") for r in rows]
+    widths = [max(len(str(line[i])) for line in (header, *body)) for i in range(len(header))]
+    lines = ["  ".join(f"{cell:<{w}}" for cell, w in zip(line, widths)).rstrip() for line in (header, *body)]
+    lines.append(f"zip: {mib(zip_size)} (Codabench's cap {MAX_ZIP_MIB} MiB); every row that is not checked here is "
+                 f"checked by make grader-check")
+    return "\n".join(lines)
 
 
 def run_benchmark(unpacked: str, test: str, cpus: int, limit: float, margin: float) -> None:
@@ -293,7 +336,7 @@ def mib(size: int) -> str:
     return f"{size / 2**20:.1f} MiB"
 
 
-def pack(run: str | None, out: str, vendor_ort: bool, skip_benchmark: bool, cpus: int, limit: float, margin: float,
+def pack(run: str | None, out: str, lean: bool, skip_benchmark: bool, cpus: int, limit: float, margin: float,
          data: str | None = None, max_mib: float = MAX_ZIP_MIB) -> list[tuple[str, int]]:
     """Check everything, then write the zip at `out` atomically; return (name, size) of each file in it."""
     members, settings = sources(run)
@@ -301,24 +344,21 @@ def pack(run: str | None, out: str, vendor_ort: bool, skip_benchmark: bool, cpus
     check_onnx(members[model_file], settings.get("input_name", "pixels"))
     log(f"ok: {model_file} loads in ONNX Runtime")
     images = real_images(BENCHMARK_IMAGES, data, run)
-    if vendor_ort:
-        for wheel in vendored_wheels():
-            members[os.path.basename(wheel)] = wheel
+    wheels = [] if lean else vendored_wheels()
+    for wheel in wheels:
+        members[os.path.basename(wheel)] = wheel
     out = os.path.abspath(out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     work = tempfile.mkdtemp(prefix="pack_")
     tmp_zip = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{os.getpid()}.tmp")
     try:
+        settings_with_sha(members, settings, model_file, work)
         write_zip(tmp_zip, members)
         size = os.path.getsize(tmp_zip)
         if size > max_mib * 2**20:
             raise Refused(f"the zip is {mib(size)}, over the {max_mib:g} MiB a submission may be; use a smaller "
-                          "model" + (" or drop VENDOR_ORT=1" if vendor_ort else ""))
-        result = check_zip(tmp_zip, images[:CHECK_IMAGES], vendor_ort, work)
-        report = result["tta_report"]
-        log(f"ok: unpacked zip predicts {len(result['labels'])} real images in a fresh Python without TensorFlow "
-            f"(onnxruntime {report.get('onnxruntime')} {report.get('onnxruntime_source')}, "
-            f"{report.get('provider')}, {report.get('views')} views)")
+                          "model" + ("" if lean else ", or LEAN=1 if the grader has onnxruntime"))
+        rows = check_runtimes(tmp_zip, images[:CHECK_IMAGES], wheels, work)
         if skip_benchmark:
             log("skipped: time-limit check (--skip-benchmark)")
         else:
@@ -332,22 +372,60 @@ def pack(run: str | None, out: str, vendor_ort: bool, skip_benchmark: bool, cpus
             os.remove(tmp_zip)
     with zipfile.ZipFile(out) as zf:
         listing = [(info.filename, info.file_size) for info in zf.infolist()]
-    width = max(len(name) for name, _ in listing)
-    for name, file_size in listing:
-        log(f"  {name:{width}s} {mb(file_size):>10s}")
-    log(f"wrote {out}: {len(listing)} files, {mb(os.path.getsize(out))} "
-        f"(cap {max_mib:g} MiB)")
-    if os.path.getsize(out) > WARN_ZIP_MB * 1e6:
-        log(f"warning: over {WARN_ZIP_MB} MB; some Codabench uploads of this size fail, retry if yours does")
+    log(runtime_table(rows, os.path.getsize(out)))
+    log(f"wrote {out}: {len(listing)} files ({', '.join(name for name, _ in listing)})")
     return listing
+
+
+def check_runtimes(zip_path: str, images: np.ndarray, wheels: list[str], work: str) -> list[dict]:
+    """Run the zip the ways a grader may: the fast row of the grader matrix (a fresh environment of this Python with
+    numpy alone, so the vendored wheel or the interpreter runs) and each interpreter backend here; refuse a zip
+    that does not predict. Returns the runtime table's rows."""
+    unpacked = os.path.join(work, "unpacked")
+    os.makedirs(unpacked)
+    unpack(zip_path, unpacked)
+    try:
+        reference = grader.reference_labels(zip_path, images)
+    except Exception as err:  # noqa: BLE001  whatever model.py raises is the answer
+        raise Refused(f"the unpacked zip does not predict with onnxruntime here: {str(err).splitlines()[0]}") from None
+    version = "%d.%d" % sys.version_info[:2]
+    log(f"checking: the unpacked zip in a fresh Python {version} environment with numpy alone ...")
+    row = grader.run_row(zip_path, images, reference, version)
+    if row.error:
+        raise Refused(f"the unpacked zip does not predict in a fresh Python {version} with numpy alone: {row.error}")
+    if not row.same_labels:
+        raise Refused(f"the unpacked zip, run by {row.runtime} in a fresh Python {version}, labels {len(images)} real "
+                      f"images differently from onnxruntime here; report this as a bug")
+    log(f"ok: unpacked zip predicts {len(images)} real images in a fresh Python {version} with numpy alone "
+        f"({row.runtime}, {row.seconds:.1f} s), labels as onnxruntime here")
+    single = grader.reference_labels(zip_path, images[:INTERPRETER_IMAGES], views=1)
+    rows = [{"path": "onnxruntime, installed on the grader", "needs": "onnxruntime", "same": True,
+             "checked": f"here, onnxruntime {importlib.metadata.version('onnxruntime')} (the reference)"}]
+    for wheel in wheels:
+        python = os.path.basename(wheel).split("-")[2].replace("cp3", "3.")
+        ran = python == version
+        rows.append({"path": f"vendored {'-'.join(os.path.basename(wheel).split('-')[:2])}", "needs":
+                     f"Python {python}, {glibc_of(wheel)}, x86-64", "same": row.same_labels if ran else None,
+                     "checked": f"fresh Python {version} + numpy" if ran else "make grader-check"})
+    for backend, needs in (("tensorflow", "TensorFlow (any 2.x)"), ("numpy", "numpy alone")):
+        result = check_interpreter(unpacked, backend, images[:INTERPRETER_IMAGES], single, work)
+        if result["same"] is False:
+            raise Refused(f"interpreter.py ({backend}) labels real images differently from onnxruntime; "
+                          f"report this as a bug")
+        rows.append({"path": f"interpreter.py in {backend}", "needs": needs, **result})
+    for r in rows:  # onnxruntime's time per view, measured in the fast row; the same library installed or not
+        if r["path"].startswith("onnxruntime") or r["checked"].startswith("fresh"):
+            r["per_image_s"] = row.per_view_s
+    return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmark.pack", description=__doc__)
     parser.add_argument("--run", help="run folder (runs/<name>) whose model.onnx and settings.json to pack; "
                                       "default: submission/")
-    parser.add_argument("--vendor-ort", action="store_true",
-                        help="put onnxruntime CPU wheels for Python 3.10-3.12 into the zip")
+    parser.add_argument("--lean", action="store_true",
+                        help="leave out the onnxruntime wheels (for a grader known to have onnxruntime); the zip "
+                             "still falls back to TensorFlow or numpy")
     parser.add_argument("--skip-benchmark", action="store_true", help="skip the time-limit check")
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--limit", type=float, default=6000.0)
@@ -358,7 +436,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", help="npz with real images for the check (default: the run's holdout, then $DATA)")
     args = parser.parse_args(argv)
     try:
-        pack(args.run, args.out, args.vendor_ort, args.skip_benchmark, args.cpus, args.limit, args.margin, args.data,
+        pack(args.run, args.out, args.lean, args.skip_benchmark, args.cpus, args.limit, args.margin, args.data,
              args.max_mib)
     except Refused as err:
         print(f"refused, no zip written: {err}", file=sys.stderr, flush=True)

@@ -1,8 +1,10 @@
-"""Codabench entry point: Model().predict(X) gives labels 0-7 via ONNX Runtime, with time-budgeted TTA."""
+"""Codabench entry point: Model().predict(X) gives labels 0-7 with timed TTA, on the first runtime that loads."""
 from __future__ import annotations
 
 import atexit
 import glob
+import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -17,8 +19,11 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGE_SHAPE = (96, 96, 3)
 N_CLASSES = 8
+# Tried in this order; settings.json's "runtimes" may leave some out.
+RUNTIMES = ("onnxruntime", "onnxruntime-vendored", "tensorflow", "numpy")
 DEFAULTS = {"model_file": "model.onnx", "input_name": "pixels", "time_limit_s": 6000.0, "safety_margin": 0.5,
-            "expected_test_size": 10000, "max_views": 8, "tta": True, "chunk_size": 64, "budget_per_image_s": None}
+            "expected_test_size": 10000, "max_views": 8, "tta": True, "chunk_size": 64, "budget_per_image_s": None,
+            "runtimes": list(RUNTIMES), "model_sha256": None}
 
 # The 8 symmetries of the square. The first 2 and the first 4 are subgroups, so a partial average is still
 # invariant under those flips; all 8 make the prediction invariant under every rotation and flip.
@@ -52,54 +57,157 @@ def apply_view(x: np.ndarray, view: int) -> np.ndarray:
     return np.rot90(x, 1 if name == "rot90" else -1, axes=(1, 2))
 
 
-# ---- onnxruntime: installed, or the vendored wheel for this Python ------------------------------------------
+# ---- runtimes: onnxruntime installed, then its vendored wheel, then the interpreter in TensorFlow or numpy ------
+
+class Unavailable(Exception):
+    """This runtime cannot run here; the message says why, for tta_report and the final error."""
+
 
 def _forget_onnxruntime() -> None:
     for name in [m for m in sys.modules if m == "onnxruntime" or m.startswith("onnxruntime.")]:
         del sys.modules[name]
 
 
-def import_onnxruntime():
-    """The installed onnxruntime, else the wheel for this Python shipped next to model.py, unpacked and imported."""
+def installed_onnxruntime():
     try:
         import onnxruntime
-        return onnxruntime, "installed"
     except ImportError as err:
-        missing = err
         _forget_onnxruntime()
+        raise Unavailable(f"import onnxruntime failed ({err})") from None
+    return onnxruntime
+
+
+def vendored_onnxruntime():
+    """The onnxruntime wheel for this Python shipped next to model.py, unpacked into a temporary folder and imported."""
     tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
     wheels = sorted(glob.glob(os.path.join(HERE, f"onnxruntime-*-{tag}-*.whl")))
     if not wheels:
         shipped = [os.path.basename(w) for w in glob.glob(os.path.join(HERE, "onnxruntime-*.whl"))]
-        raise ImportError(f"model.py needs onnxruntime: `import onnxruntime` failed ({missing}) and there is no "
-                          f"vendored onnxruntime wheel for this Python {sys.version.split()[0]} ({tag}, manylinux "
-                          f"x86-64) next to model.py (shipped: {', '.join(shipped) or 'none'}); install onnxruntime "
-                          f"or rebuild the zip with `make zip VENDOR_ORT=1`")
+        raise Unavailable(f"no onnxruntime wheel for Python {sys.version.split()[0]} ({tag}) next to model.py "
+                          f"(shipped: {', '.join(shipped) or 'none'})")
     errors = []
     for parent in (None, HERE):  # /tmp may be mounted noexec, which stops the shared library from loading
+        folder = None
         try:
             folder = tempfile.mkdtemp(prefix="onnxruntime_", dir=parent)
             atexit.register(shutil.rmtree, folder, True)  # 75 MB unpacked: do not leave it behind
             with zipfile.ZipFile(wheels[-1]) as wheel:
                 wheel.extractall(folder)
-        except OSError as err:
-            errors.append(str(err))
+        except (OSError, zipfile.BadZipFile) as err:  # read-only folder, full disk, a damaged wheel
+            errors.append(f"unpacking into {folder or parent or 'the temporary folder'}: {err}")
             continue
         sys.path.insert(0, folder)
         try:
             import onnxruntime
-            return onnxruntime, "vendored"
+            return onnxruntime
         except ImportError as err:
             sys.path.remove(folder)
             _forget_onnxruntime()
-            errors.append(f"{folder}: {err}")
-    raise ImportError(f"model.py needs onnxruntime: it is not installed and the vendored wheel "
-                      f"{os.path.basename(wheels[-1])} did not import ({'; '.join(errors)})")
+            errors.append(f"importing from {folder}: {err}")
+    raise Unavailable(f"{os.path.basename(wheels[-1])}: {'; '.join(errors)}")
 
 
-_import_started = time.perf_counter()
-ort, ORT_SOURCE = import_onnxruntime()
-IMPORT_SECONDS = time.perf_counter() - _import_started
+class OnnxRuntimeRunner:
+    """One ONNX Runtime session with every graph optimization; CUDA when the build has it and it starts."""
+
+    def __init__(self, ort, path: str, threads: int, source: str):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1  # one model run at a time: inter-op threads would only compete
+        # Spinning threads lose badly when the cores are shared (21-27 vs 33-37 img/s on ConvNeXtTiny here), and we
+        # cannot know whether the grader's are.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        providers = choose_providers(ort.get_available_providers())
+        try:
+            self.session = ort.InferenceSession(path, options, providers=providers)
+        except Exception:  # noqa: BLE001  a CUDA build on a machine whose driver does not work
+            if providers == ["CPUExecutionProvider"]:
+                raise
+            self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.provider = self.session.get_providers()[0]
+        self.version = f"onnxruntime {ort.__version__} ({source})"
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch})[0]
+
+
+def _interpreter_module():
+    """submission/interpreter.py, loaded by path under a name of its own, so that several submissions coexist."""
+    path = os.path.join(HERE, "interpreter.py")
+    if not os.path.isfile(path):
+        raise Unavailable("interpreter.py is not next to model.py")
+    name = f"an2dl_interpreter_{abs(hash(HERE))}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
+class InterpreterRunner:
+    """model.onnx run op by op by interpreter.py, in TensorFlow or in numpy."""
+
+    def __init__(self, path: str, threads: int, backend: str):
+        module = _interpreter_module()
+        if backend == "tensorflow":
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+            try:
+                import tensorflow as tf
+            except ImportError as err:
+                raise Unavailable(f"import tensorflow failed ({err})") from None
+            try:
+                tf.config.threading.set_intra_op_parallelism_threads(threads)
+                tf.config.threading.set_inter_op_parallelism_threads(1)
+            except RuntimeError:  # TensorFlow already started in this process: keep its threads
+                pass
+            ops = module.TensorFlowOps(tf)
+            gpus = tf.config.list_logical_devices("GPU")
+            self.provider = "GPU" if gpus else "CPU"
+            self.version = f"tensorflow {tf.__version__} (interpreter.py)"
+        else:
+            ops = module.NumpyOps()
+            self.provider = "CPU"
+            self.version = f"numpy {np.__version__} (interpreter.py)"
+        with open(path, "rb") as fh:
+            graph = module.Graph(fh.read())
+        try:
+            self.interpreter = module.Interpreter(graph, ops)
+        except ValueError as err:
+            raise Unavailable(str(err)) from None
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.interpreter.run(batch)
+
+
+def load_runtime(path: str, threads: int, allowed, warmup: np.ndarray) -> tuple[object, str, dict]:
+    """The first runtime in RUNTIMES order (those allowed) that loads the model and runs `warmup` through it:
+    (runner, its name, why not the others)."""
+    skipped = {}
+    for name in RUNTIMES:
+        if name not in allowed:
+            skipped[name] = "not allowed by settings.json (runtimes)"
+            continue
+        try:
+            if name == "onnxruntime":
+                runner = OnnxRuntimeRunner(installed_onnxruntime(), path, threads, "installed")
+            elif name == "onnxruntime-vendored":
+                runner = OnnxRuntimeRunner(vendored_onnxruntime(), path, threads, "vendored wheel")
+            else:
+                runner = InterpreterRunner(path, threads, name)
+            # The first run allocates memory and picks kernels, so the first chunk's timing is typical; a runtime
+            # that cannot run the model fails here rather than in predict.
+            runner.run(warmup)
+            return runner, name, skipped
+        except Unavailable as err:
+            skipped[name] = str(err)
+        except Exception as err:  # noqa: BLE001  a runtime that imports but cannot load the model: try the next
+            skipped[name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    raise RuntimeError(f"model.py could not run {os.path.basename(path)} with any runtime: "
+                       + "; ".join(f"{name}: {why}" for name, why in skipped.items()))
 
 
 # ---- machine and settings ---------------------------------------------------------------------------------
@@ -153,22 +261,18 @@ def read_settings(folder: str = HERE) -> dict:
     return settings
 
 
-def make_session(path: str, threads: int):
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1  # one model run at a time: inter-op threads would only compete
-    # Spinning threads lose badly when the cores are shared (21-27 vs 33-37 img/s on ConvNeXtTiny here), and we
-    # cannot know whether the grader's are.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    providers = choose_providers(ort.get_available_providers())
-    try:
-        return ort.InferenceSession(path, options, providers=providers)
-    except Exception:  # noqa: BLE001  a CUDA build on a machine whose driver does not work
-        if providers == ["CPUExecutionProvider"]:
-            raise
-        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+def check_model_file(path: str, expected: str | None) -> None:
+    """Refuse a model file whose sha256 is not the one settings.json was written for (when it names one)."""
+    if not expected:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        raise ValueError(f"{os.path.basename(path)} is not the model settings.json was written for (sha256 "
+                         f"{digest.hexdigest()[:12]}..., expected {expected[:12]}...); copy model.onnx and "
+                         f"settings.json from the same run, or rebuild the zip with make zip")
 
 
 # ---- input ---------------------------------------------------------------------------------------------
@@ -210,25 +314,26 @@ def to_model_input(chunk: np.ndarray, scale: float) -> np.ndarray:
 # ---- the model -----------------------------------------------------------------------------------------
 
 class Model:
-    """Loads model.onnx and settings.json from the folder of this file; predict(X) returns labels 0-7."""
+    """Loads model.onnx and settings.json from the folder of this file; predict(X) returns labels 0-7.
+
+    The model runs on the first runtime of RUNTIMES that loads it; tta_report says which, and why not the others."""
 
     def __init__(self):
         started = time.perf_counter()
         self.settings = read_settings()
         self.threads = available_cores()
-        self.session = make_session(os.path.join(HERE, self.settings["model_file"]), self.threads)
-        names = [i.name for i in self.session.get_inputs()]
-        self.input_name = self.settings["input_name"] if self.settings["input_name"] in names else names[0]
+        path = os.path.join(HERE, self.settings["model_file"])
+        check_model_file(path, self.settings.get("model_sha256"))
         self.chunk_size = max(1, int(self.settings["chunk_size"]))
+        warmup = np.zeros((min(self.chunk_size, 16), *IMAGE_SHAPE), np.float32)
+        self.runner, runtime, skipped = load_runtime(path, self.threads, self.settings["runtimes"], warmup)
         self.max_views = max(1, min(len(VIEWS), int(self.settings["max_views"]))) if self.settings["tta"] else 1
-        # The first run allocates memory and picks kernels; do it now so the first chunk's timing is typical.
-        self._run(np.zeros((min(self.chunk_size, 16), *IMAGE_SHAPE), np.float32))
-        self.load_seconds = IMPORT_SECONDS + time.perf_counter() - started
-        self.tta_report = {"provider": self.session.get_providers()[0], "threads": self.threads,
+        self.load_seconds = time.perf_counter() - started
+        self.tta_report = {"runtime": runtime, "runtime_version": self.runner.version, "runtimes_skipped": skipped,
+                           "provider": self.runner.provider, "threads": self.threads,
                            "load_seconds": self.load_seconds, "tta_mode": "numpy", "tta": bool(self.settings["tta"]),
                            "max_views": self.max_views, "chunk_size": self.chunk_size,
-                           "budget_per_image_s": self.budget_per_image(), "onnxruntime": ort.__version__,
-                           "onnxruntime_source": ORT_SOURCE}
+                           "budget_per_image_s": self.budget_per_image()}
 
     def budget_per_image(self) -> float:
         """Seconds each test image may take: the usable share of the limit, less loading, over the test size."""
@@ -239,7 +344,7 @@ class Model:
         return max(0.0, usable) / max(1, int(s["expected_test_size"]))
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch)})[0]
+        return self.runner.run(np.ascontiguousarray(batch))
 
     def predict(self, X) -> np.ndarray:
         """Labels, shape (n,), int64, values 0-7."""

@@ -49,13 +49,14 @@ def tiny_keras_model():
 
 @pytest.fixture(scope="session")
 def submission_dir(tmp_path_factory, tiny_keras_model, real_slice):
-    """A submission folder as make train leaves it: model.py, model.onnx (tiny model), settings.json."""
+    """A submission folder as make train leaves it: model.py, interpreter.py, model.onnx (tiny model), settings.json."""
     from trainer import files
     from trainer.config import make_config
     from trainer.export import export_onnx
     from trainer.train import settings_for
     out = tmp_path_factory.mktemp("submission")
-    shutil.copy(os.path.join(ROOT, "submission", "model.py"), out / "model.py")
+    for name in ("model.py", "interpreter.py"):
+        shutil.copy(os.path.join(ROOT, "submission", name), out / name)
     export_onnx(tiny_keras_model, str(out / "model.onnx"), real_slice[0][:32])
     files.write_json(str(out / "settings.json"), settings_for(make_config("smoke", name="fixture")))
     return out

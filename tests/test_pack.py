@@ -1,7 +1,7 @@
-"""benchmark.pack: the zip's layout, its refusals, the time-limit check, vendored onnxruntime where it is missing."""
+"""benchmark.pack and benchmark.grader: the zip's layout, refusals, time-limit check, and runs without onnxruntime."""
 from __future__ import annotations
 
-import glob
+import hashlib
 import json
 import os
 import shutil
@@ -9,11 +9,10 @@ import subprocess
 import sys
 import zipfile
 
-import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-THREE = ["model.onnx", "model.py", "settings.json"]
+LEAN = ["interpreter.py", "model.onnx", "model.py", "settings.json"]
 
 
 def pack(*args, data=None):
@@ -59,37 +58,55 @@ def previous(tmp_path):
     return out
 
 
-def test_zip_layout_listing_and_same_bytes_twice(submission_dir, data_path, tmp_path):
+def test_lean_zip_layout_listing_and_same_bytes_twice(submission_dir, data_path, tmp_path):
     first, second = tmp_path / "a.zip", tmp_path / "b.zip"
-    done = pack("--run", submission_dir, "--skip-benchmark", "--out", first, data=data_path)
+    done = pack("--run", submission_dir, "--skip-benchmark", "--lean", "--out", first, data=data_path)
     assert done.returncode == 0, done.stderr
-    assert names(first) == THREE
+    assert names(first) == LEAN
+    sha = hashlib.sha256((submission_dir / "model.onnx").read_bytes()).hexdigest()
+    settings = json.loads((submission_dir / "settings.json").read_text())
     with zipfile.ZipFile(first) as zf:
         for info in zf.infolist():
             assert "/" not in info.filename and (info.external_attr >> 16) & 0o170000 == 0o100000
-            assert zf.read(info.filename) == (submission_dir / info.filename).read_bytes()
-    for name in THREE:
+            if info.filename == "settings.json":  # the zip's copy always carries the model's sha256
+                assert json.loads(zf.read(info.filename)) == {**settings, "model_sha256": sha}
+            else:
+                source = submission_dir / info.filename
+                if not source.exists():
+                    source = os.path.join(ROOT, "submission", info.filename)
+                assert zf.read(info.filename) == open(source, "rb").read(), info.filename
+    for name in LEAN:
         assert name in done.stdout
-    assert "ok: unpacked zip predicts 16 real images" in done.stdout
-    assert pack("--run", submission_dir, "--skip-benchmark", "--out", second, data=data_path).returncode == 0
+    assert "ok: unpacked zip predicts 16 real images in a fresh Python" in done.stdout
+    assert pack("--run", submission_dir, "--skip-benchmark", "--lean", "--out", second, data=data_path).returncode == 0
     assert first.read_bytes() == second.read_bytes()
+
+
+def test_refuses_a_model_that_settings_json_was_not_written_for(submission_dir, data_path, tmp_path, previous):
+    run = run_folder(submission_dir, tmp_path / "run")
+    settings = json.loads((run / "settings.json").read_text())
+    (run / "settings.json").write_text(json.dumps({**settings, "model_sha256": "ab" * 32}))
+    done = pack("--run", run, "--skip-benchmark", "--lean", "--out", previous, data=data_path)
+    assert_refused(done, previous, [str(run / "model.onnx"), "is not the model its settings.json was written for",
+                                    "same run"])
 
 
 def test_refuses_a_run_without_a_model(submission_dir, data_path, tmp_path, previous):
     run = run_folder(submission_dir, tmp_path / "run", onnx_bytes=b"")
-    done = pack("--run", run, "--skip-benchmark", "--out", previous, data=data_path)
+    done = pack("--run", run, "--skip-benchmark", "--lean", "--out", previous, data=data_path)
     assert_refused(done, previous, ["no model.onnx", "make train"])
 
 
 def test_refuses_a_zip_over_the_size_cap(submission_dir, data_path, previous):
     # The real cap is 512 MiB (a ConvNeXtBase zip is about 350 MB and passes); a tiny cap makes the same check bite.
-    done = pack("--run", submission_dir, "--skip-benchmark", "--max-mib", 0.01, "--out", previous, data=data_path)
+    done = pack("--run", submission_dir, "--skip-benchmark", "--lean", "--max-mib", 0.01, "--out", previous,
+                data=data_path)
     assert_refused(done, previous, ["over the 0.01 MiB", "smaller model"])
 
 
 def test_refuses_a_model_onnxruntime_cannot_load(submission_dir, data_path, tmp_path, previous):
     run = run_folder(submission_dir, tmp_path / "run", onnx_bytes=b"not an onnx model")
-    done = pack("--run", run, "--skip-benchmark", "--out", previous, data=data_path)
+    done = pack("--run", run, "--skip-benchmark", "--lean", "--out", previous, data=data_path)
     assert_refused(done, previous, ["does not load in ONNX Runtime"])
 
 
@@ -112,107 +129,78 @@ def failing_model() -> bytes:
 
 def test_refuses_a_model_that_fails_to_predict(submission_dir, data_path, tmp_path, previous):
     run = run_folder(submission_dir, tmp_path / "run", onnx_bytes=failing_model())
-    done = pack("--run", run, "--skip-benchmark", "--out", previous, data=data_path)
-    assert_refused(done, previous, ["does not predict in a fresh Python without TensorFlow"])
+    done = pack("--run", run, "--skip-benchmark", "--lean", "--out", previous, data=data_path)
+    assert_refused(done, previous, ["does not predict with onnxruntime here"])
 
 
 def test_time_limit_check_passes_and_refuses(submission_dir, data_path, tmp_path, previous):
-    done = pack("--run", submission_dir, "--out", previous, "--limit", 2, "--margin", 0.5, data=data_path)
+    done = pack("--run", submission_dir, "--lean", "--out", previous, "--limit", 2, "--margin", 0.5, data=data_path)
     assert_refused(done, previous, ["projected over the time limit"])
-    done = pack("--run", submission_dir, "--out", previous, data=data_path)
+    done = pack("--run", submission_dir, "--lean", "--out", previous, data=data_path)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "ok: time-limit check passed" in done.stdout and names(previous) == THREE
+    assert "ok: time-limit check passed" in done.stdout and names(previous) == LEAN
 
 
-# ---- vendored onnxruntime -------------------------------------------------------------------------------
+# ---- the default zip on graders without onnxruntime ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def vendored_zip(submission_dir, data_path, tmp_path_factory):
-    out = tmp_path_factory.mktemp("vendored") / "submission.zip"
-    done = pack("--run", submission_dir, "--skip-benchmark", "--vendor-ort", "--out", out, data=data_path)
+def default_zip(submission_dir, data_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("default") / "submission.zip"
+    done = pack("--run", submission_dir, "--skip-benchmark", "--out", out, data=data_path)
     if done.returncode != 0 and "could not download" in done.stderr:
         pytest.skip(f"no onnxruntime wheels (no network?): {done.stderr.strip()}")
     assert done.returncode == 0, done.stdout + done.stderr
-    return out
+    return out, done.stdout
 
 
-def find_python(version: str) -> str | None:
-    """An interpreter for `version`: pythonX.Y on PATH, else one pyenv installed."""
-    candidates = [shutil.which(f"python{version}")]
-    candidates += glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python{version}"))
-    for python in filter(None, candidates):
-        done = subprocess.run([python, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True,
-                              text=True)
-        if done.returncode == 0 and done.stdout.strip() == str(tuple(map(int, version.split(".")))):
-            return python
-    return None
-
-
-def venv_without_onnxruntime(version: str, folder) -> str:
-    """A fresh virtual environment with numpy only; skips when the interpreter or pip's network is missing."""
-    python = find_python(version)
-    if python is None:
-        pytest.skip(f"no Python {version} on this machine")
-    subprocess.run([python, "-m", "venv", "--without-pip", str(folder)], check=True, timeout=120)
-    venv_python = os.path.join(folder, "bin", "python")
-    done = subprocess.run([sys.executable, "-m", "pip", "--python", venv_python, "install", "-q", "numpy"],
-                          capture_output=True, text=True, timeout=300)
-    if done.returncode != 0:
-        pytest.skip(f"pip could not install numpy into a Python {version} venv: {done.stderr.strip()[-300:]}")
-    assert subprocess.run([venv_python, "-c", "import onnxruntime"], capture_output=True).returncode != 0
-    return venv_python
-
-
-PREDICT = r'''
-import json, sys
-import numpy as np
-sys.path.insert(0, sys.argv[1])
-try:
-    from model import Model
-except ImportError as err:
-    print(json.dumps({"import_error": str(err)}))
-    sys.exit(0)
-model = Model()
-labels = model.predict(np.load(sys.argv[2]))
-print(json.dumps({"labels": labels.tolist(), "dtype": str(labels.dtype), "report": model.tta_report}))
-'''
-
-
-def predict_in(venv_python: str, zip_path, images: np.ndarray, work) -> dict:
-    unpacked, elsewhere = work / "unpacked", work / "elsewhere"
-    elsewhere.mkdir(parents=True)
-    with zipfile.ZipFile(zip_path) as zf:
-        zf.extractall(unpacked)
-    np.save(work / "images.npy", images)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    done = subprocess.run([venv_python, "-I", "-c", PREDICT, str(unpacked), str(work / "images.npy")],
-                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def test_vendored_zip_holds_one_wheel_per_python(vendored_zip):
-    wheels = [n for n in names(vendored_zip) if n.endswith(".whl")]
-    assert sorted(set(names(vendored_zip)) - set(wheels)) == THREE
-    assert sorted(w.split("-")[2] for w in wheels) == ["cp310", "cp311", "cp312"]
+def test_default_zip_holds_one_wheel_per_python_and_prints_the_runtime_table(default_zip):
+    """Contract changed: wheels for 3.9-3.13 by default (3.10-3.12 with VENDOR_ORT=1 before), no 50 MB warning."""
+    path, printed = default_zip
+    wheels = [n for n in names(path) if n.endswith(".whl")]
+    assert sorted(set(names(path)) - set(wheels)) == LEAN
+    assert sorted(w.split("-")[2] for w in wheels) == ["cp310", "cp311", "cp312", "cp313", "cp39"]
     assert all("manylinux" in w and w.endswith("x86_64.whl") for w in wheels)
-    assert os.path.getsize(vendored_zip) < 150e6
+    assert os.path.getsize(path) < 200e6
+    table = printed[printed.index("runtime path"):]
+    for wheel in wheels:
+        assert f"Python {wheel.split('-')[2].replace('cp3', '3.')}, glibc >= 2." in table
+    assert table.count("same") >= 4  # installed, the wheel of this Python, TensorFlow and numpy interpreters
+    assert "DIFFER" not in table and "warning" not in printed
 
 
-@pytest.mark.parametrize("version", ["3.10", "3.11", "3.12"])
-def test_vendored_zip_predicts_where_onnxruntime_is_missing(vendored_zip, real_slice, tmp_path, version):
-    venv_python = venv_without_onnxruntime(version, tmp_path / "venv")
-    result = predict_in(venv_python, vendored_zip, real_slice[0][:16], tmp_path / "run")
-    assert "import_error" not in result, result
-    assert np.dtype(result["dtype"]).kind == "i" and len(result["labels"]) == 16
-    assert all(0 <= v <= 7 for v in result["labels"])
-    assert result["report"]["onnxruntime_source"] == "vendored"
-    assert not glob.glob(os.path.join(tmp_path / "run" / "unpacked", "onnxruntime_*")), "left an unpacked wheel"
+def test_glibc_of_wheel_tags():
+    from benchmark.pack import glibc_of
+    assert glibc_of("onnxruntime-1.19.2-cp39-cp39-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl") == "glibc >= 2.27"
+    assert glibc_of("x-1.0-cp38-cp38-manylinux2014_x86_64.manylinux_2_17_x86_64.whl") == "glibc >= 2.17"
 
 
-def test_plain_zip_says_what_is_missing_where_onnxruntime_is(submission_dir, data_path, real_slice, tmp_path):
-    out = tmp_path / "plain.zip"
-    assert pack("--run", submission_dir, "--skip-benchmark", "--out", out, data=data_path).returncode == 0
-    venv_python = venv_without_onnxruntime(f"{sys.version_info[0]}.{sys.version_info[1]}", tmp_path / "venv")
-    result = predict_in(venv_python, out, real_slice[0][:2], tmp_path / "run")
-    assert "needs onnxruntime" in result["import_error"] and "VENDOR_ORT=1" in result["import_error"]
+def test_lean_zip_runs_on_numpy_alone_through_the_interpreter(submission_dir, data_path, real_slice, tmp_path):
+    from benchmark import grader
+    out = tmp_path / "lean.zip"
+    assert pack("--run", submission_dir, "--skip-benchmark", "--lean", "--out", out, data=data_path).returncode == 0
+    images = real_slice[0][:16]
+    row = grader.run_row(str(out), images, grader.reference_labels(str(out), images), "%d.%d" % sys.version_info[:2])
+    assert row.ok, row
+    assert row.runtime.startswith("numpy") and "interpreter.py" in row.runtime
+
+
+def test_matrix_rows_cover_every_python_and_the_graders_tensorflow():
+    from benchmark import grader
+    rows = grader.matrix_rows()
+    assert [(v, p, b) for v, p, b in rows if p == ("numpy",) and not b] == \
+        [(v, ("numpy",), False) for v in ("3.9", "3.10", "3.11", "3.12", "3.13")]
+    assert ("3.11", ("tensorflow-cpu==2.17.0", "keras==3.4.1"), True) in rows
+
+
+@pytest.mark.heavy
+def test_grader_matrix_on_the_default_zip(default_zip, real_slice):
+    """Every row of make grader-check: Python 3.9-3.13 with numpy alone, TensorFlow 2.17 without onnxruntime."""
+    from benchmark import grader
+    images = real_slice[0][:16]
+    reference = grader.reference_labels(str(default_zip[0]), images)
+    rows = [grader.run_row(str(default_zip[0]), images, reference, v, p, b) for v, p, b in grader.matrix_rows()]
+    print(grader.table(rows))
+    assert all(r.ok for r in rows), grader.table(rows)
+    used = {r.python: r.runtime for r in rows if r.wheels == "usable"}
+    assert all(runtime.startswith("onnxruntime") and "vendored" in runtime for runtime in used.values()), used
+    assert any(r.runtime.startswith("tensorflow 2.17") for r in rows)

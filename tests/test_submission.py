@@ -104,7 +104,13 @@ def made_zip(tmp_path_factory, submission_dir, data_path):
     for name in ("benchmark", "trainer"):
         os.symlink(os.path.join(ROOT, name), kit / name)
     (kit / "submission").mkdir()
-    shutil.copy(os.path.join(ROOT, "submission", "model.py"), kit / "submission" / "model.py")
+    for name in ("model.py", "interpreter.py"):
+        shutil.copy(os.path.join(ROOT, "submission", name), kit / "submission" / name)
+    # The wheels and the fresh-environment cache are the kit's own, downloaded and built once.
+    (kit / "dist").mkdir()
+    for name in ("wheels", "grader-envs"):
+        os.makedirs(os.path.join(ROOT, "dist", name), exist_ok=True)
+        os.symlink(os.path.join(ROOT, "dist", name), kit / "dist" / name)
     (kit / "stamp").touch()  # stands in for .venv/.installed, so make does not reinstall the venv
     done = subprocess.run(["make", "-s", "-C", str(kit), "zip", f"RUN={submission_dir}", "SKIP_BENCHMARK=1",
                            f"VENV={os.path.join(ROOT, '.venv')}", f"STAMP={kit / 'stamp'}"],
@@ -139,17 +145,21 @@ def keras_labels(tiny_keras_model, real_slice):
     return probs.argmax(1), top2[:, 1] - top2[:, 0] > DECISIVE
 
 
-def test_zip_is_flat_with_only_the_three_files(made_zip):
+def test_zip_is_flat_with_the_model_its_runtimes_and_a_wheel_per_python(made_zip):
+    """The default zip (contract changed: it used to hold three files) runs on Python 3.9-3.13 without onnxruntime."""
     path, printed = made_zip
     with zipfile.ZipFile(path) as zf:
         infos = zf.infolist()
-    assert sorted(i.filename for i in infos) == ["model.onnx", "model.py", "settings.json"]
+    names = sorted(i.filename for i in infos)
+    wheels = [n for n in names if n.endswith(".whl")]
+    assert sorted(set(names) - set(wheels)) == ["interpreter.py", "model.onnx", "model.py", "settings.json"]
+    assert sorted(w.split("-")[2] for w in wheels) == ["cp310", "cp311", "cp312", "cp313", "cp39"]
     for info in infos:
         assert not info.is_dir() and "/" not in info.filename
         assert (info.external_attr >> 16) & 0o170000 == 0o100000, f"{info.filename} is not a regular file"
-    for name in ("model.py", "model.onnx", "settings.json"):
-        assert name in printed
-    assert "wrote" in printed and "kB" in printed
+    for words in ("runtime path", "interpreter.py in tensorflow", "interpreter.py in numpy", "glibc >= 2.2", "zip: "):
+        assert words in printed
+    assert "wrote" in printed and "warning" not in printed
 
 
 def test_shapes_and_dtypes(contract):
@@ -196,10 +206,11 @@ def test_report_has_the_keys_the_benchmark_reads(contract):
     report = contract["report"]
     types = {"views": int, "seconds_per_view_per_image": float, "projected_total_s": float,
              "budget_per_image_s": float, "n_images": int, "provider": str, "threads": int, "load_seconds": float,
-             "tta_mode": str}
+             "tta_mode": str, "runtime": str, "runtime_version": str, "runtimes_skipped": dict}
     for key, kind in types.items():
         assert isinstance(report[key], kind), (key, report.get(key))
     assert report["tta_mode"] in ("numpy", "graph") and report["provider"] == "CPUExecutionProvider"
+    assert report["runtime"] == "onnxruntime" and report["runtimes_skipped"] == {}
 
 
 # ---- timed TTA ------------------------------------------------------------------------------------------
@@ -324,20 +335,83 @@ print(peak_mb() - before)
     assert float(run_python(code, folder, cwd=tmp_path)) < 60
 
 
-def test_missing_onnxruntime_says_what_is_missing(submission_dir, tmp_path):
-    code = """
-import importlib.abc, sys
-class NoOrt(importlib.abc.MetaPathFinder):
+# Runs model.py with onnxruntime (and, if asked, TensorFlow) impossible to import; prints labels and the report, or
+# the error Model() raised.
+WITHOUT = """
+import importlib.abc, json, sys
+import numpy as np
+blocked = sys.argv[3].split(",")
+class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "onnxruntime":
-            raise ModuleNotFoundError("No module named 'onnxruntime'")
-sys.meta_path.insert(0, NoOrt())
+        if name.split(".")[0] in blocked:
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, Block())
 sys.path.insert(0, sys.argv[1])
+import model
 try:
-    import model
-    print("imported")
-except ImportError as err:
-    print(err)
+    m = model.Model()
+except Exception as err:
+    print(json.dumps({"error": f"{type(err).__name__}: {err}"}))
+    sys.exit(0)
+labels = m.predict(np.load(sys.argv[2]))
+print(json.dumps({"labels": labels.tolist(), "report": m.tta_report}, default=str))
 """
-    message = run_python(code, submission_dir, cwd=tmp_path)
-    assert "needs onnxruntime" in message and "VENDOR_ORT=1" in message and "cp3" in message
+
+
+def run_without(folder, images, blocked, tmp_path) -> dict:
+    np.save(tmp_path / "images.npy", images)
+    return json.loads(run_python(WITHOUT, folder, tmp_path / "images.npy", ",".join(blocked), cwd=tmp_path))
+
+
+def test_without_onnxruntime_or_tensorflow_the_numpy_interpreter_runs(submission_dir, real_slice, tmp_path):
+    x = real_slice[0][:32]
+    expected = new_model(tmp_path, submission_dir, tta=False).predict(x)
+    folder = submission_copy(submission_dir, tmp_path / "sub", tta=False)
+    result = run_without(folder, x, ["onnxruntime", "tensorflow"], tmp_path)
+    report = result["report"]
+    assert report["runtime"] == "numpy" and "interpreter.py" in report["runtime_version"]
+    skipped = report["runtimes_skipped"]
+    assert "import onnxruntime failed" in skipped["onnxruntime"]
+    assert "no onnxruntime wheel for Python" in skipped["onnxruntime-vendored"]
+    assert "import tensorflow failed" in skipped["tensorflow"]
+    assert result["labels"] == expected.tolist()
+
+
+def test_without_onnxruntime_tensorflow_runs_the_same_weights(submission_dir, real_slice, tmp_path):
+    x = real_slice[0][:32]
+    expected = new_model(tmp_path, submission_dir, tta=False).predict(x)
+    folder = submission_copy(submission_dir, tmp_path / "sub", tta=False)
+    result = run_without(folder, x, ["onnxruntime"], tmp_path)
+    assert result["report"]["runtime"] == "tensorflow" and result["labels"] == expected.tolist()
+
+
+def test_a_damaged_wheel_falls_through_to_the_next_runtime(submission_dir, real_slice, tmp_path):
+    folder = submission_copy(submission_dir, tmp_path / "sub", tta=False, runtimes=["onnxruntime",
+                                                                                   "onnxruntime-vendored", "numpy"])
+    tag = f"cp{sys.version_info[0]}{sys.version_info[1]}"
+    (folder / f"onnxruntime-1.0.0-{tag}-{tag}-manylinux_2_28_x86_64.whl").write_bytes(b"half a download")
+    result = run_without(folder, real_slice[0][:4], ["onnxruntime"], tmp_path)
+    skipped = result["report"]["runtimes_skipped"]
+    assert result["report"]["runtime"] == "numpy"
+    assert "unpacking" in skipped["onnxruntime-vendored"] and "zip file" in skipped["onnxruntime-vendored"]
+    assert skipped["tensorflow"] == "not allowed by settings.json (runtimes)"
+    assert not list(folder.glob("onnxruntime_*")), "left an unpacked wheel"
+
+
+def test_with_no_runtime_left_one_error_lists_each_path(submission_dir, real_slice, tmp_path):
+    folder = submission_copy(submission_dir, tmp_path / "sub", runtimes=["onnxruntime-vendored"])
+    error = run_without(folder, real_slice[0][:2], ["onnxruntime"], tmp_path)["error"]
+    assert error.startswith("RuntimeError: model.py could not run model.onnx with any runtime")
+    for words in ("onnxruntime: not allowed", "onnxruntime-vendored: no onnxruntime wheel", "tensorflow: not allowed",
+                  "numpy: not allowed"):
+        assert words in error, error
+
+
+def test_a_model_file_that_is_not_the_one_settings_names_is_refused(submission_dir, real_slice, tmp_path):
+    folder = submission_copy(submission_dir, tmp_path / "sub", model_sha256="0" * 64)
+    error = run_without(folder, real_slice[0][:2], [], tmp_path)["error"]
+    assert "model.onnx is not the model settings.json was written for" in error and "make zip" in error
+    import hashlib
+    right = hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest()
+    folder = submission_copy(submission_dir, tmp_path / "sub2", model_sha256=right)
+    assert "labels" in run_without(folder, real_slice[0][:2], [], tmp_path)
