@@ -20,7 +20,7 @@ LEAN ?= 0
 SKIP_BENCHMARK ?= 0
 OUT ?=
 
-.PHONY: help setup train benchmark zip grader-check test runs augment evaluate tune options clean-venv
+.PHONY: help setup train benchmark zip grader-check test test-heavy runs augment evaluate tune options clean-venv
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /\1\t/' | expand -t 12
@@ -60,9 +60,12 @@ tune: $(STAMP)  ## short runs of augmentation candidates, clean and corrupted
 runs: $(STAMP)  ## table of every run in runs/
 	$(PY) -m trainer runs $(ARGS)
 
-test: $(STAMP)  ## ruff, then the test suite (8-13 min on 2 cores)
+test: $(STAMP)  ## ruff, then the test suite without the heavy checks (8-13 min on 2 cores)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q -m "not heavy" tests $(ARGS)
+
+test-heavy: $(STAMP)  ## the heavy checks: the grader matrix, the GPU notebook, the gpu profile end to end
+	$(PY) -m pytest -q -s -m heavy tests $(ARGS)
 
 options: $(STAMP)  ## regenerate docs/options.md from trainer/config.py
 	$(PY) -m trainer options > docs/options.md

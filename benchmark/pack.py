@@ -117,12 +117,12 @@ def check_onnx(path: str, input_name: str) -> None:
 
 def real_images(k: int, data: str | None, run: str | None) -> np.ndarray:
     """Up to k real cell images (at least CHECK_IMAGES): --data, the run's holdout, $DATA, data/, ../shared/data/."""
-    candidates = [data, os.path.join(find_run(run), "holdout.npz") if run else None, os.environ.get("DATA"),
-                  os.path.join(ROOT, "data", "training_set.npz"),
-                  os.path.join(ROOT, "..", "shared", "data", "training_set.npz")]
-    for path in candidates:
-        if path and os.path.isfile(path):
-            images = first_images(path, k)
+    for path in grader.image_files(data, os.path.join(find_run(run), "holdout.npz") if run else None):
+        if os.path.isfile(path):
+            try:
+                images = grader.first_images(path, k)
+            except ValueError as err:
+                raise Refused(str(err)) from None
             if len(images) >= CHECK_IMAGES:
                 return images
     raise Refused("no real images for the check; set DATA=path/to/training_set.npz (or put it in data/)")
@@ -137,21 +137,6 @@ def benchmark_test_set(run: str | None, settings: dict, images: np.ndarray, work
     path = os.path.join(work, "benchmark_images.npz")
     np.savez(path, images=images)
     return path
-
-
-def first_images(npz_path: str, k: int) -> np.ndarray:
-    """images[:k] of an .npz without reading the rest (the training set is 340 MB unpacked)."""
-    with zipfile.ZipFile(npz_path) as npz, npz.open("images.npy") as fh:
-        version = np.lib.format.read_magic(fh)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-            np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(fh)
-        per_image = int(np.prod(shape[1:]))
-        k = min(k, shape[0])
-        data = fh.read(k * per_image * dtype.itemsize)
-    if fortran:
-        raise Refused(f"{npz_path}: images are stored in Fortran order; save them C-ordered")
-    return np.frombuffer(data, dtype).reshape((k, *shape[1:])).copy()
 
 
 # ---- vendored onnxruntime -----------------------------------------------------------------------------------

@@ -135,6 +135,11 @@ def copy_checkout(dest: str) -> None:
         os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
         shutil.copy2(src, os.path.join(dest, rel))
     os.symlink(venv, os.path.join(dest, ".venv"))
+    # make zip's downloaded wheels and fresh environments are ours too: fetched and built once, not per copy.
+    os.makedirs(os.path.join(dest, "dist"), exist_ok=True)
+    for cache in ("wheels", "grader-envs"):
+        os.makedirs(os.path.join(ROOT, "dist", cache), exist_ok=True)
+        os.symlink(os.path.join(ROOT, "dist", cache), os.path.join(dest, "dist", cache))
     # The venv is given: the pins must not look newer than it, or the notebook's make would rebuild (and touch)
     # a venv this test only borrows. Only the copy's file times change; make -q then confirms setup is done.
     built = os.path.getmtime(stamp)
@@ -202,8 +207,10 @@ def test_notebook_runs_every_cell_at_smoke_scale(tmp_path, data_path, monkeypatc
         assert json.load(fh)["profile"] == "smoke"
     assert os.path.isfile(os.path.join(run, "benchmark.json"))
     with zipfile.ZipFile(os.path.join(kit, "dist", "notebook-smoke.zip")) as zf:
-        assert sorted(zf.namelist()) == ["model.onnx", "model.py", "settings.json"]
+        names = zf.namelist()
         assert json.loads(zf.read("settings.json"))["run"] == "notebook-smoke"
+    assert {"model.py", "interpreter.py", "model.onnx", "settings.json"} <= set(names)
+    assert sum(n.endswith(".whl") for n in names) == 5, names  # the default zip: one wheel per Python 3.9-3.13
     # SMOKE leaves the user's model and zip alone.
     assert not os.path.exists(os.path.join(kit, "submission", "model.onnx"))
     assert not os.path.exists(os.path.join(kit, "dist", "submission.zip"))
