@@ -286,20 +286,23 @@ def check_interpreter(unpacked: str, backend: str, images: np.ndarray, reference
             "same": bool(np.array_equal(result["labels"], reference)) if ran else None}
 
 
-def runtime_table(rows: list[dict], zip_size: int) -> str:
+def runtime_table(rows: list[dict], zip_size: int, verdict: str) -> str:
     """Each runtime path the zip can take: what it needs, whether and how it was checked, projected grader time."""
     header = ("runtime path", "needs", "checked", "labels", f"{PROJECT_IMAGES:,} imgs, 1 view")
     body = [(r["path"], r["needs"], r["checked"], "-" if r["same"] is None else ("same" if r["same"] else "DIFFER"),
              "-" if not r.get("per_image_s") else f"{r['per_image_s'] * PROJECT_IMAGES:,.0f} s") for r in rows]
     widths = [max(len(str(line[i])) for line in (header, *body)) for i in range(len(header))]
     lines = ["  ".join(f"{cell:<{w}}" for cell, w in zip(line, widths)).rstrip() for line in (header, *body)]
-    lines.append(f"zip: {mib(zip_size)} (Codabench's cap {MAX_ZIP_MIB} MiB); every row that is not checked here is "
-                 f"checked by make grader-check")
+    lines.append(f"zip: {mib(zip_size)} to upload (Codabench's cap {MAX_ZIP_MIB} MiB); every row that is not "
+                 f"checked here is checked by make grader-check")
+    lines.append(f"grader time on {PROJECT_IMAGES:,} images, {verdict}" if verdict else
+                 "grader time: not projected (--skip-benchmark)")
     return "\n".join(lines)
 
 
-def run_benchmark(unpacked: str, test: str, cpus: int, limit: float, margin: float) -> None:
-    """`python -m benchmark --quick` on the unpacked zip; it exits 0 on PASS and 1 when projected over the limit."""
+def run_benchmark(unpacked: str, test: str, cpus: int, limit: float, margin: float) -> str:
+    """`python -m benchmark --quick` on the unpacked zip; it exits 0 on PASS and 1 when projected over the limit.
+    Returns its verdict line (PASS: projected ...)."""
     cmd = [sys.executable, "-m", "benchmark", "--submission", unpacked, "--quick", "--cpus", str(cpus),
            "--limit", str(limit), "--margin", str(margin), "--test", test]
     env = dict(os.environ, PYTHONPATH=ROOT)
@@ -315,6 +318,7 @@ def run_benchmark(unpacked: str, test: str, cpus: int, limit: float, margin: flo
     if code != 0:
         raise Refused(f"the time-limit check crashed (exit {code}): {tail[-1] if tail else 'no output'}; "
                       f"run make benchmark to see why")
+    return tail[-1] if tail else ""
 
 
 def mib(size: int) -> str:
@@ -344,11 +348,12 @@ def pack(run: str | None, out: str, lean: bool, skip_benchmark: bool, cpus: int,
             raise Refused(f"the zip is {mib(size)}, over the {max_mib:g} MiB a submission may be; use a smaller "
                           "model" + ("" if lean else ", or LEAN=1 if the grader has onnxruntime"))
         rows = check_runtimes(tmp_zip, images[:CHECK_IMAGES], wheels, work)
+        verdict = ""
         if skip_benchmark:
             log("skipped: time-limit check (--skip-benchmark)")
         else:
             test = benchmark_test_set(run, settings, images, work)
-            run_benchmark(os.path.join(work, "unpacked"), test, cpus, limit, margin)
+            verdict = run_benchmark(os.path.join(work, "unpacked"), test, cpus, limit, margin)
             log("ok: time-limit check passed")
         os.replace(tmp_zip, out)
     finally:
@@ -357,7 +362,8 @@ def pack(run: str | None, out: str, lean: bool, skip_benchmark: bool, cpus: int,
             os.remove(tmp_zip)
     with zipfile.ZipFile(out) as zf:
         listing = [(info.filename, info.file_size) for info in zf.infolist()]
-    log(runtime_table(rows, os.path.getsize(out)))
+    log(runtime_table(rows, os.path.getsize(out), f"{cpus} cores, with model.py's views: {verdict}" if verdict
+                      else ""))
     log(f"wrote {out}: {len(listing)} files ({', '.join(name for name, _ in listing)})")
     return listing
 
