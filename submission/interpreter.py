@@ -227,6 +227,11 @@ class NumpyOps:
 
     def __init__(self):
         self.binary = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide, "Pow": np.power}
+        self.unary = {"Neg": np.negative, "Sqrt": np.sqrt, "Reciprocal": np.reciprocal, "Tanh": np.tanh,
+                      "Exp": np.exp, "Erf": _erf, "Relu": lambda v: np.maximum(v, 0),
+                      "Sigmoid": lambda v: 1.0 / (1.0 + np.exp(-v)),
+                      "HardSwish": lambda v: v * np.clip(v / 6.0 + 0.5, 0, 1),
+                      "Gelu": lambda v: 0.5 * v * (1.0 + _erf(v / math.sqrt(2.0)))}
 
     def constant(self, array: np.ndarray):
         """An initializer as this backend keeps it."""
@@ -238,42 +243,13 @@ class NumpyOps:
     def __call__(self, node: Node, inputs: list):
         if node.op in self.binary:
             return self.binary[node.op](inputs[0], inputs[1])
+        if node.op in self.unary:
+            return self.unary[node.op](inputs[0])
         return getattr(self, node.op)(node, inputs)
-
-    # elementwise
-    def Neg(self, node, x):
-        return -x[0]
-
-    def Sqrt(self, node, x):
-        return np.sqrt(x[0])
-
-    def Reciprocal(self, node, x):
-        return 1.0 / x[0]
-
-    def Relu(self, node, x):
-        return np.maximum(x[0], 0)
-
-    def Sigmoid(self, node, x):
-        return 1.0 / (1.0 + np.exp(-x[0]))
 
     def HardSigmoid(self, node, x):
         alpha, beta = node.attrs.get("alpha", 0.2), node.attrs.get("beta", 0.5)
         return np.clip(alpha * x[0] + beta, 0, 1).astype(x[0].dtype)
-
-    def HardSwish(self, node, x):
-        return x[0] * np.clip(x[0] / 6.0 + 0.5, 0, 1)
-
-    def Tanh(self, node, x):
-        return np.tanh(x[0])
-
-    def Exp(self, node, x):
-        return np.exp(x[0])
-
-    def Erf(self, node, x):
-        return _erf(x[0])
-
-    def Gelu(self, node, x):
-        return 0.5 * x[0] * (1.0 + _erf(x[0] / math.sqrt(2.0)))
 
     def Clip(self, node, x):
         low = x[1] if len(x) > 1 and x[1] is not None else node.attrs.get("min", -np.inf)
@@ -503,6 +479,10 @@ class TensorFlowOps(NumpyOps):
         super().__init__()
         self.tf = tf
         self.binary = {"Add": tf.add, "Sub": tf.subtract, "Mul": tf.multiply, "Div": tf.divide, "Pow": tf.pow}
+        self.unary = {"Neg": tf.negative, "Sqrt": tf.sqrt, "Reciprocal": tf.math.reciprocal, "Tanh": tf.tanh,
+                      "Exp": tf.exp, "Erf": tf.math.erf, "Relu": tf.nn.relu, "Sigmoid": tf.sigmoid,
+                      "HardSwish": lambda v: v * tf.clip_by_value(v / 6.0 + 0.5, 0.0, 1.0),
+                      "Gelu": lambda v: tf.nn.gelu(v, approximate=False)}
         self._kernels: dict[int, object] = {}
 
     def constant(self, array):
@@ -518,6 +498,8 @@ class TensorFlowOps(NumpyOps):
             if isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype.kind in "iu":
                 return self.binary[node.op](a, b).numpy()
             return self.binary[node.op](self._float(a), self._float(b))
+        if node.op in self.unary:
+            return self.unary[node.op](inputs[0])
         return getattr(self, node.op)(node, inputs)
 
     def _float(self, value):
@@ -525,39 +507,9 @@ class TensorFlowOps(NumpyOps):
             return value.astype(np.float32)
         return value
 
-    def Neg(self, node, x):
-        return self.tf.negative(x[0])
-
-    def Sqrt(self, node, x):
-        return self.tf.sqrt(x[0])
-
-    def Reciprocal(self, node, x):
-        return self.tf.math.reciprocal(x[0])
-
-    def Relu(self, node, x):
-        return self.tf.nn.relu(x[0])
-
-    def Sigmoid(self, node, x):
-        return self.tf.sigmoid(x[0])
-
     def HardSigmoid(self, node, x):
         alpha, beta = node.attrs.get("alpha", 0.2), node.attrs.get("beta", 0.5)
         return self.tf.clip_by_value(alpha * x[0] + beta, 0.0, 1.0)
-
-    def HardSwish(self, node, x):
-        return x[0] * self.tf.clip_by_value(x[0] / 6.0 + 0.5, 0.0, 1.0)
-
-    def Tanh(self, node, x):
-        return self.tf.tanh(x[0])
-
-    def Exp(self, node, x):
-        return self.tf.exp(x[0])
-
-    def Erf(self, node, x):
-        return self.tf.math.erf(x[0])
-
-    def Gelu(self, node, x):
-        return self.tf.nn.gelu(x[0], approximate=False)
 
     def Clip(self, node, x):
         low = x[1] if len(x) > 1 and x[1] is not None else node.attrs.get("min", -3.4e38)
