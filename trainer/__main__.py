@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from . import corrupt, data, files, gradcam, runs
+from . import corrupt, data, files, gradcam, heldout, runs
 from .config import (
     PROFILES,
     add_config_arguments,
@@ -180,7 +180,8 @@ def cmd_options(args) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "corrupt":
-        return corrupt.main(argv[1:]) or 0
+        # corrupt.py cannot import heldout.py (which builds on it), so the held-out copy and preview branch here.
+        return (heldout.main if "--heldout" in argv else corrupt.main)(argv[1:]) or 0
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -254,7 +255,8 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.set_defaults(func=cmd_runs)
 
-    sub.add_parser("corrupt", help="write a corrupted copy of an .npz: corrupt IN.npz OUT.npz [--seed S]")
+    sub.add_parser("corrupt", help="write a corrupted copy of an .npz: corrupt IN.npz OUT.npz [--seed S]; with "
+                   "--heldout, a copy with the held-out corruptions, or --preview out.png to draw them")
 
     args = parser.parse_args(argv)
     try:
