@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import corrupt, heldout
+from trainer import corrupt, heldout, heldout_eval
 from trainer.config import PROFILES, Config, make_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -245,6 +245,31 @@ def test_mix_is_seeded_uses_only_held_out_corruptions_in_registry_order(real_sli
         assert all(name in heldout.CORRUPTIONS and 1 <= s <= 5 for name, s in recipe)
         assert names == sorted(names, key=order.get)
     assert sum(not np.array_equal(a, b) for a, b in zip(out, images)) == len(images)
+
+
+# ---- scoring --------------------------------------------------------------------------------------------
+
+def test_score_reads_every_figure_off_corrupted_copies(real_slice):
+    """A predictor that knows every clean image by heart and answers class 0 otherwise: any figure taken off a
+    clean image would show above the share of class 0."""
+    images, labels = real_slice[0][:40], real_slice[1][:40]
+    known = {image.tobytes(): label for image, label in zip(images, labels)}
+
+    def memoriser(batch):
+        return np.array([known.get(image.tobytes(), 0) for image in batch])
+    assert (memoriser(images) == labels).all()
+    base = float((labels == 0).mean())
+    result = heldout_eval.score(memoriser, images, labels, seed=3, max_images=len(images), severities=(1, 5))
+    assert result["corrupted"]["accuracy"] == pytest.approx(base) and result["corrupted"]["n"] == len(images)
+    assert list(result["per_corruption"]) == list(heldout.HELD_OUT) and result["per_corruption_images"] == 40
+    for name, row in result["per_corruption"].items():
+        assert row == {"1": pytest.approx(base), "5": pytest.approx(base)}, name
+    errors = result["errors_by_corruption"]
+    _, recipes = heldout.corrupt_mix(images, seed=3)
+    assert sum(r["images"] for r in errors.values()) == sum(len(recipe) for recipe in recipes)
+    assert sum(r["wrong"] for r in errors.values()) == sum(len(recipe) for recipe, y in zip(recipes, labels) if y)
+    again = heldout_eval.score(memoriser, images, labels, seed=3, max_images=10, severities=(3,))
+    assert again["per_corruption_images"] == 10 and list(again["per_corruption"]["grain"]) == ["3"]
 
 
 # ---- command line and preview ---------------------------------------------------------------------------
