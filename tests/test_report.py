@@ -77,8 +77,12 @@ def test_page_names_every_section_that_applies(runs_dir):
     metrics = json.load(open(runs_dir / "alpha" / "metrics.json"))
     assert f"{100 * metrics['test']['accuracy']:.2f}%" in text
     assert f"{100 * metrics['robustness']['corrupted']['accuracy']:.2f}%" in text
-    for name in ("Basophil", "Immature granulocytes", "Platelet", "severity 5", "PASS", "812.5", "onnx fp32"):
+    assert f"{100 * metrics['heldout']['corrupted']['accuracy']:.2f}%" in text
+    for name in ("Basophil", "Immature granulocytes", "Platelet", "severity 5", "PASS", "812.5", "onnx fp32",
+                 "held-out corrupted accuracy", "in-distribution corrupted accuracy", "stain_precipitate"):
         assert name in text
+    # The held-out figure leads: its card comes before the in-distribution one.
+    assert text.index("held-out corrupted accuracy") < text.index("in-distribution corrupted accuracy")
     # beta has not been benchmarked, and has no test split: its figures are on val
     beta = parse_page(runs_dir / "beta" / "report.html")
     assert "benchmark" not in section_ids(beta)
@@ -177,7 +181,9 @@ def test_make_runs_lists_both_runs_with_their_figures(runs_dir):
     assert [line.split()[0] for line in body] == ["beta", "alpha"], "newest first"
     alpha, beta = body[1], body[0]
     a, b = (json.load(open(runs_dir / n / "metrics.json")) for n in ("alpha", "beta"))
+    assert lines[0].split()[7:10] == ["clean", "heldout", "in_dist"]
     for figure in (f"{a['test']['accuracy']:.4f}", f"{a['robustness']['corrupted']['accuracy']:.4f}",
+                   f"{a['heldout']['corrupted']['accuracy']:.4f}",
                    f"{a['test']['macro_f1']:.4f}", f"{a['export']['bytes'] / 1e6:.1f}", "PASS", "62s",
                    runs.duration(a["train_seconds"]), "nadam"):
         assert figure in alpha, (figure, alpha)
@@ -191,6 +197,7 @@ def test_runs_sort_and_markdown(runs_dir):
     assert by_epochs == ["alpha", "beta"]  # 2 epochs before 1
     assert [r["name"] for r in runs.sort_rows(rows, "epochs", reverse=True)] == ["beta", "alpha"]
     assert [r["name"] for r in runs.sort_rows(rows, "verdict")] == ["alpha", "beta"], "missing values go last"
+    assert runs.sort_rows(rows, "corrupted") == runs.sort_rows(rows, "in_dist")  # the column's old name still sorts
     with pytest.raises(ValueError, match="sort by one of"):
         runs.sort_rows(rows, "colour")
     table = runs.runs_table(str(runs_dir), sort="name", markdown=True).splitlines()

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from trainer import models  # noqa: F401  registers the custom layers for load_model
+from trainer import heldout, models  # noqa: F401  models registers the custom layers for load_model
 from trainer.augment import augmented_samples
 from trainer.config import load_config
 from trainer.evaluate import train_vs_inference_mode
@@ -63,6 +63,10 @@ def test_metrics_hold_every_figure(smoke_run):
     assert metrics["test"]["accuracy"] > 0.2  # above chance (0.125) after two short epochs
     rob = metrics["robustness"]
     assert 0.0 <= rob["corrupted"]["accuracy"] <= 1.0 and len(rob["per_family"]) == 6
+    held = metrics["heldout"]
+    assert held["corrupted"]["n"] == metrics["test"]["n"] and 0.0 <= held["corrupted"]["accuracy"] <= 1.0
+    assert list(held["per_corruption"]) == list(heldout.HELD_OUT) and held["per_corruption_images"] == 64
+    assert all(list(row) == ["1", "3", "5"] for row in held["per_corruption"].values())
     assert metrics["export"]["parity"]["ok"]
 
 
@@ -326,6 +330,36 @@ def test_evaluate_scores_each_corruption_alone(smoke_run, tmp_path):
     assert refused.returncode == 2 and "--severities takes numbers 1-5" in refused.stderr
 
 
+def test_evaluate_heldout_reproduces_metrics(smoke_run, tmp_path):
+    """--heldout through submission/model.py scores the held-out copy the run scored, counts its errors by
+    held-out corruption, and scores each held-out corruption alone as the ONNX model does."""
+    run = smoke_run[0]
+    metrics = json.loads((run / "metrics.json").read_text())
+    seed = json.loads((run / "config.json").read_text())["seed"]
+    out = tmp_path / "heldout.json"
+    proc = subprocess.run([sys.executable, "-m", "trainer", "evaluate", "--model", str(run), "--data",
+                           str(run / "holdout.npz"), "--views", "1", "--heldout", "--seed", str(seed),
+                           "--per-corruption", "--severities", "3", "--out", str(out)],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["heldout"] is True and not result["corrupted"]
+    row, n = result["rows"][0], metrics["test"]["n"]
+    assert abs(row["accuracy"] - metrics["heldout"]["corrupted"]["accuracy"]) <= 1.0 / n + 1e-9
+    assert sorted(row["errors_by_corruption"]) == sorted(heldout.HELD_OUT)
+    assert list(row["per_corruption"]) == list(heldout.HELD_OUT)
+    holdout = np.load(run / "holdout.npz")
+    bubbled = heldout.apply(holdout["images"], "bubble", 3, np.random.default_rng(seed + 3))
+    session = ort.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"])
+    direct = (session.run(None, {"pixels": bubbled.astype("float32")})[0].argmax(1) == holdout["labels"]).mean()
+    assert abs(row["per_corruption"]["bubble"]["3"] - direct) <= 1.0 / len(bubbled) + 1e-9
+    assert "held-out corrupted copy" in proc.stdout and "accuracy per held-out corruption" in proc.stdout
+    refused = subprocess.run([sys.executable, "-m", "trainer", "evaluate", "--model", str(run), "--data",
+                              str(run / "holdout.npz"), "--heldout", "--corrupt"],
+                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "pick one" in refused.stderr
+
+
 def test_tune_reports_the_trade_off_within_its_budget(tmp_path, data_path):
     proc = subprocess.run([sys.executable, "-m", "trainer", "tune", "--profile", "smoke", "--data", data_path,
                            "--runs-dir", str(tmp_path), "--name", "t", "--limit", "300", "--epochs", "1",
@@ -337,7 +371,8 @@ def test_tune_reports_the_trade_off_within_its_budget(tmp_path, data_path):
     assert "skipping geometry" in proc.stdout
     row = rows[0]
     assert row["corrupted_minus_clean"] == pytest.approx(row["corrupted"] - row["clean"])
-    assert "| candidate | clean | corrupted |" in proc.stdout
+    assert row["heldout_minus_clean"] == pytest.approx(row["heldout"] - row["clean"])
+    assert "| candidate | clean | held-out | held-out - clean | in-distribution |" in proc.stdout
 
 
 def test_cosine_schedule_decays_to_the_last_epoch_that_fits(tmp_path):

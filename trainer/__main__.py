@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from . import corrupt, data, files, gradcam, runs
+from . import corrupt, data, files, gradcam, heldout, heldout_eval, runs
 from .config import (
     PROFILES,
     add_config_arguments,
@@ -103,6 +103,11 @@ def cmd_evaluate(args) -> int:
     images, labels = data.load_npz_images(args.data)
     name = os.path.basename(args.data)
     recipes = None
+    if args.corrupt and args.heldout:
+        raise ValueError("--corrupt scores the in-distribution suite and --heldout the held-out corruptions; "
+                         "pick one")
+    if args.heldout and labels is None:
+        raise ValueError(f"--heldout scores accuracy, so it needs labels, and {args.data} has none")
     if args.corrupt:
         images, recipes = corrupt.corrupt_mix(images, seed=args.seed)
         name += f" (corrupted, seed {args.seed})"
@@ -114,7 +119,13 @@ def cmd_evaluate(args) -> int:
         raise ValueError(f"--per-corruption needs labels, and {args.data} has none")
     if any(s not in range(1, 6) for s in severities):
         raise ValueError(f"--severities takes numbers 1-5, like 1,3,5; got {args.severities}")
-    rows = evaluate_exported(args.model, images, labels, views, severities, args.seed, recipes)
+    if args.heldout:
+        rows = heldout_eval.evaluate_exported(args.model, images, labels, views, args.seed, severities)
+        name += f" (held-out corrupted copy, seed {args.seed}: corruptions no training setting reaches)"
+    else:
+        rows = evaluate_exported(args.model, images, labels, views, severities, args.seed, recipes)
+    family_of = heldout.FAMILY_OF if args.heldout else corrupt.FAMILY_OF
+    suite = "held-out corruption" if args.heldout else "corruption"
     print(f"{args.model} on {name}: {len(images)} images")
     print(f"{'views':>5}  {'accuracy':>8}  {'macro F1':>8}  {'img/s':>8}")
     for r in rows:
@@ -123,13 +134,13 @@ def cmd_evaluate(args) -> int:
         print(f"{r['views']:>5}  {acc:>8}  {f1:>8}  {r['img_per_s']:>8.1f}")
     for r in rows:
         if "per_corruption" in r:
-            print(f"\naccuracy per corruption, {r['views']} view(s):\n{corruption_table(r['per_corruption'])}")
+            print(f"\naccuracy per {suite}, {r['views']} view(s):\n{corruption_table(r['per_corruption'], family_of)}")
         if "errors_by_corruption" in r:
-            print(f"\nerrors on the corrupted copy by the corruptions each image got, {r['views']} view(s):\n"
-                  f"{errors_table(r['errors_by_corruption'])}")
+            print(f"\nerrors on the {'held-out ' if args.heldout else ''}corrupted copy by the corruptions each image "
+                  f"got, {r['views']} view(s):\n{errors_table(r['errors_by_corruption'], family_of)}")
     if args.out:
         files.write_json(args.out, {"model": args.model, "data": args.data, "corrupted": args.corrupt,
-                                    "seed": args.seed, "rows": rows})
+                                    "heldout": args.heldout, "seed": args.seed, "rows": rows})
     return 0
 
 
@@ -180,7 +191,8 @@ def cmd_options(args) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "corrupt":
-        return corrupt.main(argv[1:]) or 0
+        # corrupt.py cannot import heldout.py (which builds on it), so the held-out copy and preview branch here.
+        return (heldout.main if "--heldout" in argv else corrupt.main)(argv[1:]) or 0
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -220,10 +232,15 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True, help="a run folder or a submission folder holding model.onnx")
     p.add_argument("--data", required=True, help=".npz with images (and labels, for accuracy)")
     p.add_argument("--views", default="1,8", help="TTA views to try, comma-separated (default 1,8)")
-    p.add_argument("--corrupt", action="store_true", help="score a corrupted copy (the pseudo-private test)")
+    p.add_argument("--corrupt", action="store_true",
+                   help="score a corrupted copy made with the suite (in-distribution: training reaches most of it)")
+    p.add_argument("--heldout", action="store_true",
+                   help="score a held-out corrupted copy: 1-3 of the 18 corruptions no training setting reaches "
+                        "(docs/robustness.md); needs labels")
     p.add_argument("--seed", type=int, default=42, help="seed of the corrupted copy (a run uses its config seed)")
     p.add_argument("--per-corruption", action="store_true",
-                   help="also score each of the 21 corruptions alone, at each of --severities")
+                   help="also score each of the 21 corruptions alone (with --heldout: the 18 held-out ones), at "
+                        "each of --severities")
     p.add_argument("--severities", default="1,3,5", help="severities for --per-corruption (default 1,3,5)")
     p.add_argument("--out", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_evaluate)
@@ -249,12 +266,14 @@ def main(argv=None) -> int:
     p = sub.add_parser("runs", help="table of all runs, newest first")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--sort", default="date", help="column to sort by: name, date, model, optimizer, notes, epochs, "
-                   "time, clean, corrupted, f1, onnx_mb, projected, verdict")
+                   "time, clean, heldout (held-out corrupted), in_dist (in-distribution corrupted; also: corrupted), "
+                   "f1, onnx_mb, projected, verdict")
     p.add_argument("--reverse", action="store_true", help="flip the order (numbers and dates sort largest first)")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.set_defaults(func=cmd_runs)
 
-    sub.add_parser("corrupt", help="write a corrupted copy of an .npz: corrupt IN.npz OUT.npz [--seed S]")
+    sub.add_parser("corrupt", help="write a corrupted copy of an .npz: corrupt IN.npz OUT.npz [--seed S]; with "
+                   "--heldout, a copy with the held-out corruptions, or --preview out.png to draw them")
 
     args = parser.parse_args(argv)
     try:

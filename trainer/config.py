@@ -150,8 +150,9 @@ class Config:
                                   "low_res_size", TRAINING, low=0.0, high=1.0)
 
     # evaluation
-    robustness_images: int = option(500, "images per family and severity in the robustness table; 0 = skip it",
-                                    EVALUATION, low=0, resume=True)
+    robustness_images: int = option(500, "images per family and severity in the robustness table, and per held-out "
+                                    "corruption and severity; 0 = skip both corrupted scores", EVALUATION, low=0,
+                                    resume=True)
 
     # export and submission settings
     export: bool = option(True, "export model.onnx and settings.json at the end of the run", EXPORT, resume=True)

@@ -353,8 +353,6 @@ FAMILIES = {
 CORRUPTIONS = {name: globals()[name] for names in FAMILIES.values() for name in names}
 FAMILY_OF = {name: family for family, names in FAMILIES.items() for name in names}
 
-_ORDER = {name: i for i, name in enumerate(CORRUPTIONS)}
-
 
 def _check_images(images):
     images = np.asarray(images)
@@ -363,40 +361,48 @@ def _check_images(images):
     return images
 
 
-def apply(images, name, severity, rng):
-    """Apply one corruption at severity 0-5 to a uint8 batch (N, H, W, 3); returns a new uint8 array."""
+def apply(images, name, severity, rng, suite=None):
+    """Apply one corruption at severity 0-5 to a uint8 batch (N, H, W, 3); returns a new uint8 array.
+
+    suite: {name: function} to pick from (default: this module's CORRUPTIONS; trainer/heldout.py passes its own).
+    """
     images = _check_images(images)
-    if name not in CORRUPTIONS:
-        raise ValueError(f"unknown corruption {name!r}; choose from {', '.join(CORRUPTIONS)}")
+    suite = CORRUPTIONS if suite is None else suite
+    if name not in suite:
+        raise ValueError(f"unknown corruption {name!r}; choose from {', '.join(suite)}")
     if severity not in range(6):
         raise ValueError(f"severity must be an integer 0-5, got {severity!r}")
     if severity == 0 or len(images) == 0:
         return images.copy()
-    return CORRUPTIONS[name](images, int(severity), rng)
+    return suite[name](images, int(severity), rng)
 
 
-def _apply_grouped(images, plan, rng):
-    """Apply plan[i] = (name, severity) to image i, batching images that share a plan."""
+def _apply_grouped(images, plan, rng, suite=None):
+    """Apply plan[i] = (name, severity) to image i, batching images that share a plan; suite order = pipeline order."""
+    suite = CORRUPTIONS if suite is None else suite
+    order = {name: i for i, name in enumerate(suite)}
     out = images.copy()
-    for step in sorted(set(plan), key=lambda s: (_ORDER[s[0]], s[1])):
+    for step in sorted(set(plan), key=lambda s: (order[s[0]], s[1])):
         rows = np.array([i for i, p in enumerate(plan) if p == step])
-        out[rows] = apply(out[rows], step[0], step[1], rng)
+        out[rows] = apply(out[rows], step[0], step[1], rng, suite)
     return out
 
 
-def corrupt_mix(images, seed=0, min_k=1, max_k=3, severities=(1, 5)):
+def corrupt_mix(images, seed=0, min_k=1, max_k=3, severities=(1, 5), suite=None):
     """Give each image k in [min_k, max_k] distinct random corruptions at random severities.
 
-    Returns the corrupted copy and, per image, the list of (name, severity) in the order applied.
+    Returns the corrupted copy and, per image, the list of (name, severity) in the order applied. suite: as in
+    apply; its order is the order in which an image's corruptions are applied.
     """
     images = _check_images(images)
+    suite = CORRUPTIONS if suite is None else suite
     low, high = severities
-    if not 0 <= min_k <= max_k <= len(CORRUPTIONS):
-        raise ValueError(f"need 0 <= min_k <= max_k <= {len(CORRUPTIONS)}, got {min_k}, {max_k}")
+    if not 0 <= min_k <= max_k <= len(suite):
+        raise ValueError(f"need 0 <= min_k <= max_k <= {len(suite)}, got {min_k}, {max_k}")
     if not 0 <= low <= high <= 5:
         raise ValueError(f"severities must be (low, high) within 0-5, got {severities}")
     rng = np.random.default_rng(seed)
-    names = list(CORRUPTIONS)
+    names = list(suite)
     recipes = []
     for _ in range(len(images)):
         k = rng.integers(min_k, max_k + 1)
@@ -408,7 +414,7 @@ def corrupt_mix(images, seed=0, min_k=1, max_k=3, severities=(1, 5)):
         plan = [recipe[r] if r < len(recipe) else None for recipe in recipes]
         rows = np.array([i for i, step in enumerate(plan) if step is not None], dtype=np.intp)
         if len(rows):
-            out[rows] = _apply_grouped(out[rows], [plan[i] for i in rows], rng)
+            out[rows] = _apply_grouped(out[rows], [plan[i] for i in rows], rng, suite)
     return out, recipes
 
 

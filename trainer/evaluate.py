@@ -86,14 +86,15 @@ def per_corruption(predict_labels, images: np.ndarray, labels: np.ndarray, sever
     return table
 
 
-def errors_by_corruption(recipes: list, wrong: np.ndarray) -> dict:
+def errors_by_corruption(recipes: list, wrong: np.ndarray, family_of: dict = corrupt.FAMILY_OF) -> dict:
     """Per corruption of a corrupt_mix copy: how many images got it and how many of those the model got wrong,
     in all and at severity 4-5, worst first.
 
     An image with two corruptions counts for both, so the rows say which corruptions the errors come with; they
-    do not split the errors between them.
+    do not split the errors between them. family_of names the suite's corruptions (heldout.FAMILY_OF for the
+    held-out copy).
     """
-    table = {name: {"images": 0, "wrong": 0, "images_sev45": 0, "wrong_sev45": 0} for name in corrupt.CORRUPTIONS}
+    table = {name: {"images": 0, "wrong": 0, "images_sev45": 0, "wrong_sev45": 0} for name in family_of}
     for recipe, bad in zip(recipes, wrong):
         for name, severity in recipe:
             row = table[name]
@@ -105,24 +106,24 @@ def errors_by_corruption(recipes: list, wrong: np.ndarray) -> dict:
     return dict(sorted(table.items(), key=lambda item: -item[1]["wrong"]))
 
 
-def errors_table(table: dict) -> str:
+def errors_table(table: dict, family_of: dict = corrupt.FAMILY_OF) -> str:
     """errors_by_corruption's result as aligned text, one row per corruption."""
     header = (("images", 7), ("wrong", 7), ("rate", 7), ("sev 4-5", 9), ("wrong", 7), ("rate", 7))
-    lines = [f"{'corruption':<16}{'family':<13}" + "".join(f"{text:>{width}}" for text, width in header)]
+    lines = [f"{'corruption':<18}{'family':<13}" + "".join(f"{text:>{width}}" for text, width in header)]
     for name, r in table.items():
         rate = r["wrong"] / r["images"] if r["images"] else 0.0
         rate45 = r["wrong_sev45"] / r["images_sev45"] if r["images_sev45"] else 0.0
-        lines.append(f"{name:<16}{corrupt.FAMILY_OF[name]:<13}{r['images']:>7}{r['wrong']:>7}{rate:>7.3f}"
+        lines.append(f"{name:<18}{family_of[name]:<13}{r['images']:>7}{r['wrong']:>7}{rate:>7.3f}"
                      f"{r['images_sev45']:>9}{r['wrong_sev45']:>7}{rate45:>7.3f}")
     return "\n".join(lines)
 
 
-def corruption_table(table: dict) -> str:
+def corruption_table(table: dict, family_of: dict = corrupt.FAMILY_OF) -> str:
     """per_corruption's result as aligned text: one row per corruption, one column per severity."""
     severities = list(next(iter(table.values())))
-    lines = [f"{'corruption':<16}{'family':<13}" + "".join(f"{'sev ' + s:>8}" for s in severities)]
+    lines = [f"{'corruption':<18}{'family':<13}" + "".join(f"{'sev ' + s:>8}" for s in severities)]
     for name, row in table.items():
-        lines.append(f"{name:<16}{corrupt.FAMILY_OF[name]:<13}" + "".join(f"{row[s]:>8.3f}" for s in severities))
+        lines.append(f"{name:<18}{family_of[name]:<13}" + "".join(f"{row[s]:>8.3f}" for s in severities))
     return "\n".join(lines)
 
 

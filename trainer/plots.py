@@ -116,6 +116,25 @@ def robustness(per_family: dict, path: str) -> None:
     save_figure(fig, path)
 
 
+def corruption_preview(cell: np.ndarray, rows: list, path: str, severities=(1, 3, 5), per_row: int = 2) -> None:
+    """A PNG of corruptions on one cell: each row starts with the clean cell, then per_row corruptions at each
+    severity; rows are (name, family, images) as heldout.preview_rows gives them."""
+    lines = max(1, -(-len(rows) // per_row))
+    columns = 1 + per_row * len(severities)
+    fig, axes = plt.subplots(lines, columns, figsize=(columns * 1.45, lines * 1.6), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for line in range(lines):
+        axes[line, 0].imshow(cell, interpolation="nearest")
+        axes[line, 0].set_title("clean", fontsize=7)
+    for k, (name, family, images) in enumerate(rows):
+        for j, (severity, image) in enumerate(zip(severities, images)):
+            ax = axes[k // per_row, 1 + (k % per_row) * len(severities) + j]
+            ax.imshow(image, interpolation="nearest")
+            ax.set_title(f"{name} {severity}" if j else f"{family}:\n{name} {severity}", fontsize=6)
+    save_figure(fig, path)
+
+
 def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """The image with the heatmap blended on in the jet colour map, uint8 RGB."""
     colours = matplotlib.colormaps["jet"](heatmap)[..., :3]

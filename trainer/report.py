@@ -10,7 +10,7 @@ import tempfile
 import time
 import traceback
 
-from . import files, gradcam
+from . import files, gradcam, heldout
 from .config import Config
 from .runs import benchmark_of, duration, read_history, read_json, run_date
 
@@ -198,9 +198,11 @@ def summary(run: RunFolder) -> str:
     cfg, m = run.config, run.metrics
     split, scores = run.scored()
     corrupted = (m.get("robustness") or {}).get("corrupted", {})
+    held = (m.get("heldout") or {}).get("corrupted", {})
     cards = [card(f"{split} accuracy", pct(scores["accuracy"])) if scores else "",
              card(f"{split} macro F1", f"{scores['macro_f1']:.4f}") if scores else "",
-             card("corrupted accuracy", pct(corrupted["accuracy"])) if corrupted else "",
+             card("held-out corrupted accuracy", pct(held["accuracy"])) if held else "",
+             card("in-distribution corrupted accuracy", pct(corrupted["accuracy"])) if corrupted else "",
              card("epochs", fmt(m["epochs"])) if "epochs" in m else "",
              card("training time", duration(m["train_seconds"])) if "train_seconds" in m else ""]
     if not m:
@@ -323,23 +325,41 @@ def class_table(split: str, scores: dict) -> str:
 
 
 def robustness(run: RunFolder) -> str:
-    rob = run.metrics.get("robustness")
-    if not rob:
+    rob, held = run.metrics.get("robustness"), run.metrics.get("heldout")
+    if not rob and not held:
         return ""
     split, scores = run.scored()
-    corrupted = rob.get("corrupted", {})
-    rows = [[esc(f"clean {split}"), pct(scores.get("accuracy")), fmt(scores.get("macro_f1"))],
-            [esc(f"corrupted {split} (1-3 random corruptions per image)"), pct(corrupted.get("accuracy")),
-             fmt(corrupted.get("macro_f1"))]]
-    families = rob.get("per_family", {})
-    levels = max((len(v) for v in families.values()), default=0)
-    fam_rows = [[esc(f)] + [f"{a:.3f}" for a in accs] for f, accs in families.items()]
-    fam_table = table(["family"] + [f"severity {s}" if s else "clean" for s in range(levels)], fam_rows,
-                      set(range(1, levels + 1)))
-    note = f"{rob['per_family_images']} images per family and severity." if "per_family_images" in rob else ""
-    return (f'<div class="row"><div>{table(["images", "accuracy", "macro F1"], rows, {1, 2})}'
-            f'<h3>Accuracy per corruption family and severity</h3>{fam_table}<p class="muted">{esc(note)}</p></div>'
-            f'{figure(run, "robustness.png", "Accuracy against corruption severity, per family")}</div>')
+    rows = [[esc(f"clean {split}"), pct(scores.get("accuracy")), fmt(scores.get("macro_f1"))]]
+    parts = []
+    if held:
+        h = held.get("corrupted", {})
+        rows.append([esc(f"held-out corrupted {split} (1-3 corruptions no training setting reaches)"),
+                     pct(h.get("accuracy")), fmt(h.get("macro_f1"))])
+        per_name = held.get("per_corruption", {})
+        severities = list(next(iter(per_name.values()), {}))
+        held_rows = [[esc(name), esc(heldout.FAMILY_OF.get(name, "?"))] + [f"{row[s]:.3f}" for s in severities]
+                     for name, row in per_name.items()]
+        parts.append("<h3>Accuracy per held-out corruption and severity</h3>"
+                     + table(["corruption", "family"] + [f"severity {s}" for s in severities], held_rows,
+                             set(range(2, 2 + len(severities))))
+                     + f'<p class="muted">{esc(str(held.get("per_corruption_images", "?")))} images per corruption '
+                       "and severity; corruptions and severities: docs/robustness.md.</p>")
+    if rob:
+        corrupted = rob.get("corrupted", {})
+        rows.append([esc(f"in-distribution corrupted {split} (1-3 suite corruptions, mostly seen in training)"),
+                     pct(corrupted.get("accuracy")), fmt(corrupted.get("macro_f1"))])
+        families = rob.get("per_family", {})
+        levels = max((len(v) for v in families.values()), default=0)
+        fam_rows = [[esc(f)] + [f"{a:.3f}" for a in accs] for f, accs in families.items()]
+        fam_table = table(["family"] + [f"severity {s}" if s else "clean" for s in range(levels)], fam_rows,
+                          set(range(1, levels + 1)))
+        note = f"{rob['per_family_images']} images per family and severity." if "per_family_images" in rob else ""
+        parts.append(f'<h3>In-distribution: accuracy per corruption family and severity</h3>{fam_table}'
+                     f'<p class="muted">{esc(note)}</p>')
+    plot = figure(run, "robustness.png", "In-distribution: accuracy against corruption severity, per family") \
+        if rob else ""
+    return (f'<div class="row"><div>{table(["images", "accuracy", "macro F1"], rows, {1, 2})}{"".join(parts)}</div>'
+            f"{plot}</div>")
 
 
 def benchmark(run: RunFolder) -> str:
