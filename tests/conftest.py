@@ -56,6 +56,7 @@ def submission_dir(tmp_path_factory, tiny_keras_model, real_slice):
     from trainer.train import settings_for
     out = tmp_path_factory.mktemp("submission")
     shutil.copy(os.path.join(ROOT, "submission", "model.py"), out / "model.py")
-    export_onnx(tiny_keras_model, str(out / "model.onnx"), real_slice[0][:32])
-    files.write_json(str(out / "settings.json"), settings_for(make_config("smoke", name="fixture")))
+    info = export_onnx(tiny_keras_model, str(out / "model.onnx"), real_slice[0][:32])
+    files.write_json(str(out / "settings.json"), settings_for(make_config("smoke", name="fixture"), info["sha256"]))
     return out
+
