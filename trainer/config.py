@@ -191,7 +191,7 @@ PROFILES: dict[str, dict] = {
                 corrupt_jpeg=True, corrupt_zoom=0.6, first_block_convs=1, randaugment=False),
     # For a GPU (Colab, Kaggle): ConvNeXtBase from ImageNet weights at 224x224, fine-tuned end to end, with the cpu
     # profile's augmentation plus RandAugment, and no test split (every image trains the submission). Its ONNX
-    # stores float16 weights: 176 MB instead of 352, same labels (docs/memory.md).
+    # stores float16 weights: 177 MB instead of 353, the same labels on 1,000 images (docs/memory.md).
     "gpu": dict(model="convnext_base", weights="imagenet", input_size=224, batch_size=64, epochs=60,
                 learning_rate=1e-4, fine_tune_epochs=30, fine_tune_lr=1e-5, freeze_backbone=False,
                 no_test_split=True, label_smoothing=0.1, dense_units=512, mixed_precision=True,
