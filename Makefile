@@ -20,7 +20,7 @@ VENDOR_ORT ?= 0
 SKIP_BENCHMARK ?= 0
 OUT ?=
 
-.PHONY: help setup train benchmark zip test runs augment evaluate tune options clean-venv
+.PHONY: help setup train benchmark zip test test-heavy runs augment evaluate tune options clean-venv
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /\1\t/' | expand -t 12
@@ -57,9 +57,12 @@ tune: $(STAMP)  ## short runs of augmentation candidates, clean and corrupted
 runs: $(STAMP)  ## table of every run in runs/
 	$(PY) -m trainer runs $(ARGS)
 
-test: $(STAMP)  ## ruff, then the test suite (8-13 min on 2 cores)
+test: $(STAMP)  ## ruff, then the test suite (8-13 min on 2 cores); leaves out the heavy tests
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q -m "not heavy" tests $(ARGS)
+
+test-heavy: $(STAMP)  ## the heavy tests: the gpu profile end to end in miniature (minutes on 2 cores)
+	$(PY) -m pytest -q -m heavy tests $(ARGS)
 
 options: $(STAMP)  ## regenerate docs/options.md from trainer/config.py
 	$(PY) -m trainer options > docs/options.md

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import os
 
 import keras
 import numpy as np
@@ -90,8 +91,6 @@ def test_parity_check_refuses_a_tampered_model(tmp_path, tiny_keras_model, real_
 
 def test_lean_conversion_matches_tf2onnx_as_shipped(convnext_like, real_slice):
     """The memory fixes around tf2onnx change how it converts, not what: same ops, same outputs; and they undo."""
-    import os
-
     from tf2onnx import tf_loader
     from tf2onnx.graph import Node
     before = (tf_loader.from_function, Node.update_proto, os.environ.get(export.CATCH_ERRORS))
