@@ -57,6 +57,30 @@ def submission_dir(tmp_path_factory, tiny_keras_model, real_slice):
     out = tmp_path_factory.mktemp("submission")
     for name in ("model.py", "interpreter.py"):
         shutil.copy(os.path.join(ROOT, "submission", name), out / name)
-    export_onnx(tiny_keras_model, str(out / "model.onnx"), real_slice[0][:32])
-    files.write_json(str(out / "settings.json"), settings_for(make_config("smoke", name="fixture")))
+    info = export_onnx(tiny_keras_model, str(out / "model.onnx"), real_slice[0][:32])
+    files.write_json(str(out / "settings.json"), settings_for(make_config("smoke", name="fixture"), info["sha256"]))
     return out
+
+
+@pytest.fixture(scope="session")
+def gpu_run(tmp_path_factory, data_path):
+    """A toy run of the gpu profile end to end through trainer.train.train: ConvNeXtBase at 224 from a local weights
+    file standing in for ImageNet, two training steps on 48 real images, evaluation, the BatchNorm check (skipped),
+    robustness on 4 images, float16 export. Returns (run folder, submission folder, metrics). Minutes on 2 cores:
+    for tests marked heavy."""
+    import gc
+
+    import keras
+
+    from trainer.config import make_config
+    from trainer.train import train
+    base = tmp_path_factory.mktemp("gpu_run")
+    weights = str(base / "imagenet_stand_in.weights.h5")
+    # The stock architecture, as --weights imagenet would load it (the kit rebuilds it depthwise after loading).
+    keras.applications.ConvNeXtBase(include_top=False, weights=None, input_shape=(224, 224, 3)).save_weights(weights)
+    gc.collect()
+    cfg = make_config("gpu", data=data_path, weights=weights, name="gpu-toy", runs_dir=str(base / "runs"),
+                      submission_dir=str(base / "submission"), limit=48, batch_size=2, epochs=1, steps_per_epoch=2,
+                      fine_tune_epochs=0, robustness_images=4, verbose=0)
+    metrics = train(cfg)
+    return base / "runs" / "gpu-toy", base / "submission", metrics

@@ -102,6 +102,38 @@ def test_inference_mode_matches_training_mode(smoke_run):
     assert train_vs_inference_mode(model, x, y)["gap"] <= 0.05  # and precise BN repairs it
 
 
+def test_settings_carry_the_sha256_of_the_model_file(smoke_run):
+    import hashlib
+    run, sub, _ = smoke_run
+    digest = hashlib.sha256((run / "model.onnx").read_bytes()).hexdigest()
+    for folder in (run, sub):
+        settings = json.loads((folder / "settings.json").read_text())
+        assert settings["model_sha256"] == digest, folder
+        assert hashlib.sha256((folder / settings["model_file"]).read_bytes()).hexdigest() == digest
+    assert json.loads((run / "metrics.json").read_text())["export"]["sha256"] == digest
+    for key in ("model_file", "input_name", "time_limit_s", "safety_margin", "expected_test_size", "max_views",
+                "class_names", "run"):  # what model.py and make zip read
+        assert key in settings, key
+
+
+def test_every_step_after_training_is_measured(smoke_run):
+    rows = json.loads((smoke_run[0] / "metrics.json").read_text())["memory"]
+    assert [r["step"] for r in rows] == ["training", "evaluation", "batchnorm check", "robustness",
+                                         "export: convert", "export: parity check"]
+    assert all(r["seconds"] >= 0 and (r["peak_rss_gb"] is None or r["peak_rss_gb"] > 0.1) for r in rows), rows
+    assert rows[1]["batch_size"] == 128  # vanilla_cnn at 96: the batch it always had
+
+
+def test_batchnorm_check_skips_a_model_without_batchnorm(real_slice):
+    inputs = keras.Input((96, 96, 3))
+    x = keras.layers.LayerNormalization()(keras.layers.Conv2D(4, 8, strides=8)(inputs))
+    no_bn = keras.Model(inputs, keras.layers.Dense(8, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x)),
+                        name="layernorm_only")
+    check = train_vs_inference_mode(no_bn, real_slice[0][:8], real_slice[1][:8])
+    assert check == {"skipped": "layernorm_only has no BatchNormalization layers, so training and inference mode "
+                                "normalise alike (ConvNeXt uses LayerNorm)"}
+
+
 def test_killed_run_resumes_where_it_stopped(tmp_path, data_path):
     runs = tmp_path / "runs"
     args = ("--profile", "smoke", "--data", data_path, "--name", "r", "--runs-dir", str(runs), "--epochs", "3",

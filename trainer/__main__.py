@@ -19,7 +19,7 @@ from .config import (
     validate,
 )
 from .data import DataError
-from .evaluate import corruption_table, errors_table, evaluate_exported
+from .evaluate import batch_size_for, corruption_table, errors_table, evaluate_exported
 from .report import write_report
 from .staging import SubmissionError, UsageError
 from .train import export_run, run_dir_for, train
@@ -95,7 +95,7 @@ def cmd_export(args) -> int:
     model = keras.models.load_model(os.path.join(args.run, "model.keras"))
     with np.load(os.path.join(args.run, "holdout.npz")) as held:
         check = held["images"][:64]
-    export_run(cfg, model, check, args.run)
+    export_run(cfg, model, check, args.run, batch_size_for(model, cfg.inference_memory_mb))
     return 0
 
 

@@ -397,7 +397,8 @@ def export_and_checks(run: RunFolder) -> str:
     export = m.get("export") or {}
     if export:
         parity = export.get("parity", {})
-        rows.append(["ONNX model", esc(f"{export.get('bytes', 0) / 1e6:.2f} MB, opset {export.get('opset', '?')}")])
+        rows.append(["ONNX model", esc(f"{export.get('bytes', 0) / 1e6:.2f} MB, opset {export.get('opset', '?')}, "
+                                       f"{export.get('weights', 'float32')} weights")])
         rows.append(["ONNX parity with Keras", esc(f"max diff {fmt(parity.get('max_abs_diff'))} on "
                                                    f"{parity.get('images', '?')} images, same argmax "
                                                    f"{parity.get('same_argmax', '?')}")])
@@ -405,7 +406,9 @@ def export_and_checks(run: RunFolder) -> str:
         settings = {k: v for k, v in read_json(run.path("settings.json")).items() if k != "class_names"}
         rows.append(["settings.json", esc(json.dumps(settings))])
     bn = m.get("batchnorm_check")
-    if bn:
+    if bn and "skipped" in bn:
+        rows.append(["BatchNorm check", esc(f"skipped: {bn['skipped']}")])
+    elif bn:
         rows.append(["BatchNorm check", esc(f"training-mode accuracy {bn['training_mode_accuracy']:.4f}, "
                                             f"inference-mode {bn['inference_mode_accuracy']:.4f} "
                                             f"(gap {bn['gap']:+.4f} on {bn.get('images', '?')} train images)")])

@@ -1,6 +1,7 @@
 """Training driver: clean, split, augment, train (resumable), evaluate and export one run."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import numpy as np
 from . import data, files, heldout_eval
 from . import evaluate as ev
 from .config import CLASS_NAMES, Config, validate
+from .memory import Steps
 from .metrics import classification_metrics
 from .registry import spec_of
 from .runs import read_history
@@ -238,20 +240,21 @@ def prepare_data(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarr
     return images, labels
 
 
-def evaluate_split(model, images, labels, name: str, out_dir: str) -> dict:
+def evaluate_split(model, images, labels, name: str, out_dir: str, batch_size: int | None = None) -> dict:
     from . import plots
-    metrics = classification_metrics(labels, ev.predict_probs(model, images).argmax(1))
+    metrics = classification_metrics(labels, ev.predict_probs(model, images, batch_size).argmax(1))
     plots.confusion(metrics["confusion_matrix"], os.path.join(out_dir, f"confusion_{name}.png"),
                     f"Confusion matrix ({name}, accuracy {metrics['accuracy']:.4f})")
     log(f"{name}: accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f} on {metrics['n']} images")
     return metrics
 
 
-def settings_for(cfg: Config) -> dict:
-    """The JSON that submission/model.py reads next to itself."""
-    return {"model_file": "model.onnx", "input_name": "pixels", "time_limit_s": cfg.time_limit_s,
-            "safety_margin": cfg.safety_margin, "expected_test_size": cfg.expected_test_size,
-            "max_views": cfg.max_views, "class_names": list(CLASS_NAMES), "run": cfg.name}
+def settings_for(cfg: Config, model_sha256: str) -> dict:
+    """The JSON that submission/model.py reads next to itself; model_sha256 is the hex sha256 of model.onnx."""
+    return {"model_file": "model.onnx", "model_sha256": model_sha256, "input_name": "pixels",
+            "time_limit_s": cfg.time_limit_s, "safety_margin": cfg.safety_margin,
+            "expected_test_size": cfg.expected_test_size, "max_views": cfg.max_views,
+            "class_names": list(CLASS_NAMES), "run": cfg.name}
 
 
 def train(cfg: Config) -> dict:
@@ -291,24 +294,27 @@ def train(cfg: Config) -> dict:
     if run_time.before:
         log(f"resuming: {run_time.before / 60:.1f} min of training time already spent"
             + (f" of the {cfg.time_budget_min:g}-minute budget" if cfg.time_budget_min else ""))
-    if cfg.folds >= 2:
-        pool = np.sort(np.concatenate([train_idx, val_idx]))
-        models, fold_scores, history = [], [], {}
-        for k, (tr, va) in enumerate(data.kfold(labels[pool], cfg.folds, cfg.seed)):
-            log(f"fold {k + 1}/{cfg.folds}")
-            m, h = fit(cfg, os.path.join(out_dir, f"fold{k}"), images, labels, pool[tr], pool[va], deadline,
-                       run_time.save)
-            fold_scores.append(float((ev.predict_probs(m, images[pool[va]]).argmax(1) == labels[pool[va]]).mean()))
-            models.append(m)
-            history = history or h
-        model = ensemble(models)
-        cv = {"fold_val_accuracy": fold_scores, "mean": float(np.mean(fold_scores)),
-              "std": float(np.std(fold_scores))}
-        log(f"cross-validation: {cv['mean']:.4f} +- {cv['std']:.4f} over {cfg.folds} folds")
-    else:
-        model, history = fit(cfg, out_dir, images, labels, train_idx, val_idx, deadline, run_time.save)
-        cv = None
-    run_time.save()
+    steps = Steps(log)
+    with steps.step("training", cfg.batch_size):
+        if cfg.folds >= 2:
+            pool = np.sort(np.concatenate([train_idx, val_idx]))
+            models, fold_scores, history = [], [], {}
+            for k, (tr, va) in enumerate(data.kfold(labels[pool], cfg.folds, cfg.seed)):
+                log(f"fold {k + 1}/{cfg.folds}")
+                m, h = fit(cfg, os.path.join(out_dir, f"fold{k}"), images, labels, pool[tr], pool[va], deadline,
+                           run_time.save)
+                probs = ev.predict_probs(m, images[pool[va]], ev.batch_size_for(m, cfg.inference_memory_mb))
+                fold_scores.append(float((probs.argmax(1) == labels[pool[va]]).mean()))
+                models.append(m)
+                history = history or h
+            model = ensemble(models)
+            cv = {"fold_val_accuracy": fold_scores, "mean": float(np.mean(fold_scores)),
+                  "std": float(np.std(fold_scores))}
+            log(f"cross-validation: {cv['mean']:.4f} +- {cv['std']:.4f} over {cfg.folds} folds")
+        else:
+            model, history = fit(cfg, out_dir, images, labels, train_idx, val_idx, deadline, run_time.save)
+            cv = None
+        run_time.save()
     train_seconds = run_time.seconds()
 
     files.write_json(os.path.join(out_dir, "history.json"), history)
@@ -317,52 +323,91 @@ def train(cfg: Config) -> dict:
     model.save(tmp)
     os.replace(tmp, os.path.join(out_dir, "model.keras"))
 
+    # Every step from here works in batches sized for the model and its input, each measured (docs/memory.md).
+    batch = ev.batch_size_for(model, cfg.inference_memory_mb)
+    log(f"after training: batches of {batch} images (largest layer output "
+        f"{ev.largest_activation_bytes(model) / 1e6:.1f} MB an image, {cfg.inference_memory_mb} MB for a batch)")
     metrics = {"run": cfg.name, "profile": cfg.profile, "model": cfg.model, "train_seconds": round(train_seconds, 1),
-               "epochs": len(history.get("accuracy", [])), "train_images": int(len(train_idx)),
-               "val": evaluate_split(model, images[val_idx], labels[val_idx], "val", out_dir)}
-    if len(test_idx):
-        metrics["test"] = evaluate_split(model, images[test_idx], labels[test_idx], "test", out_dir)
+               "epochs": len(history.get("accuracy", [])), "train_images": int(len(train_idx))}
+    with steps.step("evaluation", batch):
+        metrics["val"] = evaluate_split(model, images[val_idx], labels[val_idx], "val", out_dir, batch)
+        if len(test_idx):
+            metrics["test"] = evaluate_split(model, images[test_idx], labels[test_idx], "test", out_dir, batch)
     if cv:
         metrics["cross_validation"] = cv
-    sample = train_idx[:512]
-    # Compare the modes on training images as the model saw them: augmented, like the batches behind the
-    # moving statistics. On clean images the gap would also hold the augmentation's own shift.
-    seen = augmented_samples(images[sample], cfg, len(sample))
-    check = metrics["batchnorm_check"] = ev.train_vs_inference_mode(model, seen, labels[sample])
-    log(f"augmented train images: training-mode accuracy {check['training_mode_accuracy']:.4f}, "
-        f"inference-mode {check['inference_mode_accuracy']:.4f}"
-        + ("  WARNING: inference mode is worse: BatchNorm statistics are off" if check["gap"] > 0.05 else ""))
+    with steps.step("batchnorm check", batch):
+        metrics["batchnorm_check"] = batchnorm_check(cfg, model, images, labels, train_idx, batch)
     if cfg.robustness_images:
-        probs = lambda x: ev.predict_probs(model, x)  # noqa: E731
-        scored = holdout if len(holdout) else val_idx
-        # The held-out figure leads: its corruptions are ones no training setting reaches, so it is the estimate
-        # of a test altered in unpublished ways. The suite's figure stays, as the in-distribution one.
-        held = heldout_eval.score(lambda x: probs(x).argmax(1), images[scored], labels[scored], cfg.seed,
-                                  cfg.robustness_images)
-        metrics["heldout"] = held
-        rob = ev.robustness(probs, images[scored], labels[scored], cfg.seed, cfg.robustness_images)
-        metrics["robustness"] = rob
-        plots.robustness(rob["per_family"], os.path.join(out_dir, "robustness.png"))
-        log(f"corrupted {'test' if len(test_idx) else 'val'}: held-out accuracy {held['corrupted']['accuracy']:.4f}, "
-            f"in-distribution {rob['corrupted']['accuracy']:.4f}")
+        with steps.step("robustness", batch):
+            probs = lambda x: ev.predict_probs(model, x, batch)  # noqa: E731
+            scored = holdout if len(holdout) else val_idx
+            # The held-out figure leads: its corruptions are ones no training setting reaches, so it is the
+            # estimate of a test altered in unpublished ways. The suite's figure stays, as the in-distribution one.
+            held = heldout_eval.score(lambda x: probs(x).argmax(1), images[scored], labels[scored], cfg.seed,
+                                      cfg.robustness_images)
+            metrics["heldout"] = held
+            rob = ev.robustness(probs, images[scored], labels[scored], cfg.seed, cfg.robustness_images)
+            metrics["robustness"] = rob
+            plots.robustness(rob["per_family"], os.path.join(out_dir, "robustness.png"))
+            log(f"corrupted {'test' if len(test_idx) else 'val'}: held-out accuracy "
+                f"{held['corrupted']['accuracy']:.4f}, in-distribution {rob['corrupted']['accuracy']:.4f}")
+    metrics["memory"] = steps.rows  # the export's steps join this list below
     files.write_json(os.path.join(out_dir, "metrics.json"), metrics)
 
     if cfg.export:
-        metrics["export"] = export_run(cfg, model, images[holdout[:64]], out_dir)
+        metrics["export"] = export_run(cfg, model, images[holdout[:64]], out_dir, batch, steps.step)
         files.write_json(os.path.join(out_dir, "metrics.json"), metrics)
     log(f"done in {time.time() - started:.0f} s: {out_dir}")
     return metrics
 
 
-def export_run(cfg: Config, model, check_images: np.ndarray, out_dir: str) -> dict:
-    """ONNX and settings into the run folder, then copied into the submission folder."""
+def batchnorm_check(cfg: Config, model, images: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
+                    batch_size: int) -> dict:
+    """evaluate.train_vs_inference_mode on augmented training images, logged; skipped without BatchNorm."""
+    from .augment import augmented_samples
+    if not ev.batchnorm_layers(model):
+        reason = ev.no_batchnorm_reason(model)
+        log(f"BatchNorm check skipped: {reason}")
+        return {"skipped": reason}
+    sample = train_idx[:512]
+    # Compare the modes on training images as the model saw them: augmented, like the batches behind the
+    # moving statistics. On clean images the gap would also hold the augmentation's own shift.
+    seen = augmented_samples(images[sample], cfg, len(sample))
+    check = ev.train_vs_inference_mode(model, seen, labels[sample], batch_size)
+    log(f"augmented train images: training-mode accuracy {check['training_mode_accuracy']:.4f}, "
+        f"inference-mode {check['inference_mode_accuracy']:.4f}"
+        + ("  WARNING: inference mode is worse: BatchNorm statistics are off" if check["gap"] > 0.05 else ""))
+    return check
+
+
+def export_run(cfg: Config, model, check_images: np.ndarray, out_dir: str, batch_size: int = 64,
+               step=None) -> dict:
+    """ONNX and settings (with the model's sha256) into the run folder, then copied into the submission folder.
+
+    step: memory.Steps.step, to measure the conversion and the parity check."""
     from .export import export_onnx
     onnx_path = os.path.join(out_dir, "model.onnx")
-    info = export_onnx(model, onnx_path, check_images, cfg.opset, cfg.fuse_onnx)
-    files.write_json(os.path.join(out_dir, "settings.json"), settings_for(cfg))
-    log(f"exported {onnx_path} ({info['bytes'] / 1e6:.1f} MB, parity max diff {info['parity']['max_abs_diff']:.1e})")
+    info = export_onnx(model, onnx_path, check_images, cfg.opset, cfg.fuse_onnx, weights=cfg.onnx_weights,
+                       batch_size=batch_size, step=step)
+    files.write_json(os.path.join(out_dir, "settings.json"), settings_for(cfg, info["sha256"]))
+    check = info["parity"]
+    log(f"exported {onnx_path} ({info['bytes'] / 1e6:.1f} MB, {cfg.onnx_weights} weights; parity on "
+        f"{check['images']} images: max diff {check['max_abs_diff']:.1e}, {check['labels_differ']} labels differ"
+        + (f", smallest Keras margin among them {check['smallest_margin_differing']:.1e}"
+           if check["labels_differ"] else "") + ")")
     if cfg.submission_dir:
-        files.copy(onnx_path, os.path.join(cfg.submission_dir, "model.onnx"))
+        copied = os.path.join(cfg.submission_dir, "model.onnx")
+        files.copy(onnx_path, copied)
+        if file_sha256(copied) != info["sha256"]:  # settings.json names these bytes; a bad copy must not pass
+            raise OSError(f"{copied} differs from {onnx_path} after copying; copy it again")
         files.copy(os.path.join(out_dir, "settings.json"), os.path.join(cfg.submission_dir, "settings.json"))
         log(f"submission ready in {cfg.submission_dir}/ (model.onnx, settings.json)")
     return info
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

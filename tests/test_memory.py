@@ -1,0 +1,37 @@
+"""Memory after training: each step's own peak is measured, and batches shrink as the model's activations grow."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from trainer import memory
+from trainer.config import make_config
+from trainer.evaluate import batch_size_for, largest_activation_bytes
+from trainer.models import build_model
+
+
+def test_each_step_measures_its_own_peak():
+    if not memory.reset_peak():
+        pytest.skip("no /proc/self/clear_refs here (Linux only)")
+    steps = memory.Steps(log=lambda line: None)
+    with steps.step("big", 8):
+        block = np.ones(300_000_000 // 8)  # 300 MB, touched
+        del block
+    with steps.step("small"):
+        np.ones(1000).sum()
+    big, small = steps.rows
+    assert big["step"] == "big" and big["batch_size"] == 8 and small["batch_size"] is None
+    assert big["peak_rss_gb"] - small["peak_rss_gb"] > 0.25, steps.rows  # the second step's peak starts afresh
+    assert big["seconds"] >= 0 and small["seconds"] >= 0
+
+
+def test_batches_shrink_for_bigger_inputs_and_models():
+    small = build_model(make_config("cpu"))
+    assert largest_activation_bytes(small) == 4 * 48 * 48 * 32  # the stem's output
+    assert batch_size_for(small) == 128  # the cpu profile keeps the batch it always had
+    at_96 = build_model(make_config("gpu", model="convnext_tiny", weights="none", input_size=96))
+    at_224 = build_model(make_config("gpu", model="convnext_tiny", weights="none", input_size=224))
+    assert largest_activation_bytes(at_224) == 4 * 56 * 56 * 4 * 96  # first stage's MLP, 4x its 96 channels
+    assert batch_size_for(at_224) < batch_size_for(at_96) <= 128
+    assert batch_size_for(at_224, 512) == batch_size_for(at_224) // 2
+    assert batch_size_for(at_224, 16) >= 1
