@@ -35,8 +35,11 @@ def run_folder(submission_dir, dest, onnx_bytes: bytes | None = None):
     shutil.copy(submission_dir / "settings.json", dest / "settings.json")
     if onnx_bytes is None:
         shutil.copy(submission_dir / "model.onnx", dest / "model.onnx")
-    elif onnx_bytes:
+    elif onnx_bytes:  # another model, with settings written for it, as its own export would
         (dest / "model.onnx").write_bytes(onnx_bytes)
+        settings = json.loads((dest / "settings.json").read_text())
+        settings["model_sha256"] = hashlib.sha256(onnx_bytes).hexdigest()
+        (dest / "settings.json").write_text(json.dumps(settings))
     return dest
 
 
