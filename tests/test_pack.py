@@ -101,7 +101,7 @@ def test_refuses_a_run_without_a_model(submission_dir, data_path, tmp_path, prev
 
 
 def test_refuses_a_zip_over_the_size_cap(submission_dir, data_path, previous):
-    # The real cap is 512 MiB (a ConvNeXtBase zip is about 350 MB and passes); a tiny cap makes the same check bite.
+    # The real cap is 512 MiB (the ConvNeXtBase zip is about 260 MiB and passes); a tiny cap makes the same check bite.
     done = pack("--run", submission_dir, "--skip-benchmark", "--lean", "--max-mib", 0.01, "--out", previous,
                 data=data_path)
     assert_refused(done, previous, ["over the 0.01 MiB", "smaller model"])
