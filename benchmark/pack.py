@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -16,6 +15,8 @@ import tempfile
 import zipfile
 
 import numpy as np
+
+from trainer import files
 
 from . import grader
 
@@ -74,17 +75,9 @@ def sources(run: str | None) -> tuple[dict, dict]:
             "settings.json": settings_path}, settings
 
 
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def settings_with_sha(members: dict, settings: dict, model_file: str, work: str) -> None:
     """Refuse a model file that settings.json was not written for; add the sha256 where an older run lacks it."""
-    actual = sha256_of(members[model_file])
+    actual = files.sha256(members[model_file])
     expected = settings.get("model_sha256")
     if expected and expected != actual:
         raise Refused(f"{members[model_file]} is not the model its settings.json was written for (sha256 "

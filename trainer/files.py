@@ -1,6 +1,7 @@
-"""Atomic file writes: a crash never leaves a half-written file where a good one was."""
+"""Atomic file writes (a crash never leaves a half-written file where a good one was), and file digests."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -56,3 +57,12 @@ def _plain(obj):
     if hasattr(obj, "tolist"):
         return obj.tolist()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def sha256(path: str) -> str:
+    """Hex sha256 of a file's bytes, read in blocks (a model file may be hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

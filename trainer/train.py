@@ -1,7 +1,6 @@
 """Training driver: clean, split, augment, train (resumable), evaluate and export one run."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -398,16 +397,8 @@ def export_run(cfg: Config, model, check_images: np.ndarray, out_dir: str, batch
     if cfg.submission_dir:
         copied = os.path.join(cfg.submission_dir, "model.onnx")
         files.copy(onnx_path, copied)
-        if file_sha256(copied) != info["sha256"]:  # settings.json names these bytes; a bad copy must not pass
+        if files.sha256(copied) != info["sha256"]:  # settings.json names these bytes; a bad copy must not pass
             raise OSError(f"{copied} differs from {onnx_path} after copying; copy it again")
         files.copy(os.path.join(out_dir, "settings.json"), os.path.join(cfg.submission_dir, "settings.json"))
         log(f"submission ready in {cfg.submission_dir}/ (model.onnx, settings.json)")
     return info
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
