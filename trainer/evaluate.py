@@ -185,6 +185,23 @@ def load_submission(folder: str, name: str):
     return module.Model()
 
 
+def models_by_views(model_dir: str, views_list, name: str):
+    """(views, Model()) for each number of TTA views, the views fixed rather than what the clock allows.
+
+    model_dir is a submission folder (with model.py), or a run folder whose model goes under submission/model.py.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from_run = not os.path.exists(os.path.join(model_dir, "model.py"))
+    source = os.path.join(root, "submission") if from_run else model_dir
+    with tempfile.TemporaryDirectory() as workdir:
+        staged = prepare_submission(source, model_dir, from_run, os.path.join(workdir, "staged"))
+        for views in views_list:
+            # A budget nobody can exceed, so the views are the ones asked for and not what the clock allows.
+            folder = variant(staged, os.path.join(workdir, f"views{views}"), max_views=views, tta=views > 1,
+                             budget_per_image_s=1e9)
+            yield views, load_submission(folder, f"{name}_views{views}")
+
+
 def evaluate_exported(model_dir: str, images: np.ndarray, labels: np.ndarray | None,
                       views_list=(1, 2, 4, 8), corruption_severities=(), seed: int = 0,
                       recipes: list | None = None) -> list[dict]:
@@ -195,28 +212,19 @@ def evaluate_exported(model_dir: str, images: np.ndarray, labels: np.ndarray | N
 
     model_dir is a submission folder (with model.py), or a run folder whose model goes under submission/model.py.
     """
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    from_run = not os.path.exists(os.path.join(model_dir, "model.py"))
-    source = os.path.join(root, "submission") if from_run else model_dir
     rows = []
-    with tempfile.TemporaryDirectory() as workdir:
-        staged = prepare_submission(source, model_dir, from_run, os.path.join(workdir, "staged"))
-        for views in views_list:
-            # A budget nobody can exceed, so the views are the ones asked for and not what the clock allows.
-            folder = variant(staged, os.path.join(workdir, f"views{views}"), max_views=views, tta=views > 1,
-                             budget_per_image_s=1e9)
-            model = load_submission(folder, f"submission_model_views{views}")
-            started = time.perf_counter()
-            pred = model.predict(images)
-            seconds = time.perf_counter() - started
-            row = {"views": views, "seconds": seconds, "img_per_s": len(images) / seconds if seconds else 0.0}
-            if labels is not None:
-                m = classification_metrics(labels, pred)
-                row.update(accuracy=m["accuracy"], macro_f1=m["macro_f1"])
-                if recipes is not None:
-                    row["errors_by_corruption"] = errors_by_corruption(recipes, pred != labels)
-                if corruption_severities:
-                    row["per_corruption"] = per_corruption(model.predict, images, labels, corruption_severities,
-                                                           seed)
-            rows.append(row)
+    for views, model in models_by_views(model_dir, views_list, "submission_model"):
+        started = time.perf_counter()
+        pred = model.predict(images)
+        seconds = time.perf_counter() - started
+        row = {"views": views, "seconds": seconds, "img_per_s": len(images) / seconds if seconds else 0.0}
+        if labels is not None:
+            m = classification_metrics(labels, pred)
+            row.update(accuracy=m["accuracy"], macro_f1=m["macro_f1"])
+            if recipes is not None:
+                row["errors_by_corruption"] = errors_by_corruption(recipes, pred != labels)
+            if corruption_severities:
+                row["per_corruption"] = per_corruption(model.predict, images, labels, corruption_severities,
+                                                       seed)
+        rows.append(row)
     return rows

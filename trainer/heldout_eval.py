@@ -1,16 +1,13 @@
 """Score a model on the held-out corruptions: the held-out copy, each corruption alone, an exported model."""
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 
 import numpy as np
 
 from . import heldout
-from .evaluate import errors_by_corruption, load_submission
+from .evaluate import errors_by_corruption, models_by_views
 from .metrics import classification_metrics
-from .staging import prepare_submission, variant
 
 SEVERITIES = (1, 3, 5)
 
@@ -52,25 +49,17 @@ def evaluate_exported(model_dir: str, images: np.ndarray, labels: np.ndarray, vi
 
     The views are fixed, not what the clock allows, as in evaluate.evaluate_exported.
     """
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    from_run = not os.path.exists(os.path.join(model_dir, "model.py"))
-    source = os.path.join(root, "submission") if from_run else model_dir
     mixed, recipes = heldout.corrupt_mix(images, seed=seed)
     rows = []
-    with tempfile.TemporaryDirectory() as workdir:
-        staged = prepare_submission(source, model_dir, from_run, os.path.join(workdir, "staged"))
-        for views in views_list:
-            folder = variant(staged, os.path.join(workdir, f"views{views}"), max_views=views, tta=views > 1,
-                             budget_per_image_s=1e9)
-            model = load_submission(folder, f"heldout_model_views{views}")
-            started = time.perf_counter()
-            predicted = model.predict(mixed)
-            seconds = time.perf_counter() - started
-            m = classification_metrics(labels, predicted)
-            row = {"views": views, "seconds": seconds, "img_per_s": len(mixed) / seconds if seconds else 0.0,
-                   "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
-                   "errors_by_corruption": errors_by_corruption(recipes, predicted != labels, heldout.FAMILY_OF)}
-            if severities:
-                row["per_corruption"] = per_corruption(model.predict, images, labels, severities, seed)
-            rows.append(row)
+    for views, model in models_by_views(model_dir, views_list, "heldout_model"):
+        started = time.perf_counter()
+        predicted = model.predict(mixed)
+        seconds = time.perf_counter() - started
+        m = classification_metrics(labels, predicted)
+        row = {"views": views, "seconds": seconds, "img_per_s": len(mixed) / seconds if seconds else 0.0,
+               "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+               "errors_by_corruption": errors_by_corruption(recipes, predicted != labels, heldout.FAMILY_OF)}
+        if severities:
+            row["per_corruption"] = per_corruption(model.predict, images, labels, severities, seed)
+        rows.append(row)
     return rows
