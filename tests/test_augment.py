@@ -264,3 +264,49 @@ def test_pipeline_stays_float32_under_bfloat16_training(real_slice):
         keras.mixed_precision.set_global_policy("float32")
     assert x.dtype == tf.float32
     check_range(x.numpy(), 16)
+
+
+def test_consistency_batches_hold_two_views_of_the_same_images(real_slice):
+    # flips and noise only: the views differ, and each keeps its cell's colour means
+    cfg = make_config("smoke", batch_size=16, consistency=12.0, randaugment=False, rotation=0.0, shift=0.0, zoom=0.0,
+                      contrast=0.0, brightness=0.0, saturation=0.0, noise_std=20.0, blur=0.0, erase=0.0, corrupt=0.0)
+    ds = augment.train_dataset(real_slice[0][:64], real_slice[1][:64], cfg)
+    x, y = next(iter(ds))
+    assert x.shape == (16, 96, 96, 3) and y.shape == (16, 8)
+    first, second = x[:8].numpy(), x[8:].numpy()
+    np.testing.assert_array_equal(y[:8].numpy(), y[8:].numpy())
+    assert np.abs(first - second).mean() > 1.0, "the two views should be augmented independently"
+    # each second view is its first view's cell: its colour means are much closer to it than to the other cells
+    means = np.concatenate([first, second]).mean(axis=(1, 2))
+    own = np.linalg.norm(means[:8] - means[8:], axis=1)
+    others = np.linalg.norm(means[:8, None] - means[None, 8:], axis=2)
+    assert (own <= others.min(axis=1) + 1e-3).all()
+
+
+def test_consistency_refuses_mixing_and_odd_batches():
+    from trainer.config import validate
+    with pytest.raises(ValueError, match="mixup"):
+        validate(make_config("smoke", consistency=1.0, mixup_alpha=0.2))
+    with pytest.raises(ValueError, match="even batch_size"):
+        validate(make_config("smoke", consistency=1.0, batch_size=15))
+
+
+def test_consistency_loss_adds_the_divergence_of_the_two_views_in_training_only():
+    import keras
+
+    from trainer.train import consistency_loss
+    loss, pairs_only = consistency_loss(make_config("smoke", consistency=12.0, label_smoothing=0.0))
+    y = np.eye(8, dtype=np.float32)[[0, 1, 0, 1]]
+    same = np.array([[0.7] + [0.3 / 7] * 7, [0.1] * 4 + [0.6 / 4] * 4] * 2, np.float32)
+    apart = same.copy()
+    apart[2:] = apart[2:, ::-1]
+    cross_entropy = keras.losses.CategoricalCrossentropy(reduction=None)(y, same).numpy()
+    np.testing.assert_allclose(loss(y, same).numpy(), cross_entropy, rtol=1e-5)
+    assert (loss(y, apart).numpy() > keras.losses.CategoricalCrossentropy(reduction=None)(y, apart).numpy()
+            + 0.1).all()
+    pairs_only.on_test_begin()  # validation batches are not pairs: plain cross-entropy
+    np.testing.assert_allclose(loss(y, apart).numpy(),
+                               keras.losses.CategoricalCrossentropy(reduction=None)(y, apart).numpy(), rtol=1e-5)
+    pairs_only.on_test_end()
+    assert (loss(y, apart).numpy() > keras.losses.CategoricalCrossentropy(reduction=None)(y, apart).numpy()
+            + 0.1).all()

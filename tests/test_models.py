@@ -138,3 +138,34 @@ def test_fine_tune_phase_trains_the_backbone_the_first_phase_kept_frozen(tmp_pat
     kernels = {name for name in loaded if name.endswith("kernel")}
     assert not changed & batchnorm
     assert len(changed & kernels) > len(kernels) // 2, f"{len(changed & kernels)} of {len(kernels)} kernels trained"
+
+
+def test_channel_norm_divides_out_a_colour_cast_brightness_and_contrast(real_slice):
+    from trainer.models import ChannelNorm
+    cells = real_slice[0][:8].astype(np.float32)
+    model = build_model(make_config("smoke", input_norm="channel", seed=3))
+    assert isinstance(model.layers[1], ChannelNorm), "the norm comes first, before any layer that learns"
+    assert not any(isinstance(layer, ChannelNorm) for layer in build_model(make_config("smoke")).layers)
+    # a warm cast and lower contrast, kept inside 0-255 so clipping plays no part
+    cast = (cells - cells.mean()) * 0.6 * np.array([1.1, 0.95, 0.8], np.float32) + np.array([140, 120, 100],
+                                                                                            np.float32)
+    assert cast.min() >= 0 and cast.max() <= 255
+    norm = ChannelNorm()
+    before, after = norm(cells).numpy(), norm(cast).numpy()
+    np.testing.assert_allclose(before.mean(axis=(1, 2)), 128.0, atol=0.05)
+    np.testing.assert_allclose(before.std(axis=(1, 2)), 64.0, rtol=1e-2)
+    assert np.abs(before - after).max() < 1.0, "the cast should be divided out"
+    assert np.abs(cells - cast).mean() > 20
+
+
+def test_channel_norm_exports_and_runs_in_onnx_runtime(tmp_path, real_slice):
+    import onnxruntime as ort
+
+    from trainer.export import export_onnx
+    model = build_model(make_config("smoke", input_norm="channel", seed=3))
+    info = export_onnx(model, str(tmp_path / "m.onnx"), real_slice[0][:16])
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    x = real_slice[0][16:32].astype(np.float32)
+    onnx_out = session.run(None, {session.get_inputs()[0].name: x})[0]
+    np.testing.assert_allclose(onnx_out, model.predict(x, verbose=0), atol=1e-4)
+    assert info["sha256"]

@@ -411,10 +411,15 @@ def train_dataset(images: np.ndarray, labels: np.ndarray, cfg: Config, sample_we
     ds = ds.shuffle(min(len(images), 20000), seed=cfg.seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
-    ds = ds.batch(cfg.batch_size, drop_remainder=len(images) >= cfg.batch_size)
+    # With the consistency loss, a batch is batch_size/2 images seen twice: the two views' halves line up.
+    views = 2 if cfg.consistency > 0 else 1
+    per_batch = cfg.batch_size // views
+    ds = ds.batch(per_batch, drop_remainder=len(images) >= per_batch)
     randaugment = make_randaugment(cfg) if cfg.randaugment else None
 
     def apply(*batch):
+        if views == 2:
+            batch = tuple(tf.concat([part, part], axis=0) for part in batch)
         x = augment_batch(tf.cast(batch[0], tf.float32), cfg, randaugment)
         y = batch[1]
         if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:

@@ -111,6 +111,10 @@ class Config:
     l2: float = option(0.0, "L2 weight penalty of the convolutions and the head; 0 = off", MODEL, low=0.0)
     freeze_backbone: bool = option(True, "pretrained backbones start frozen", MODEL)
     width: int = option(32, "vanilla_cnn: filters of the first block (doubling per block)", MODEL, low=4, high=256)
+    input_norm: str = option("none", "normalise each image's colours inside the model (also in model.onnx): none; "
+                             "channel = each colour channel of each image to a fixed mean and spread, so a "
+                             "colour cast, a brightness or a contrast change cannot reach the layers after it",
+                             MODEL, choices=("none", "channel"))
     first_block_convs: int = option(2, "vanilla_cnn: convolutions at 48x48 (1 or 2); 1 = about 1.2x faster epochs",
                                     MODEL, choices=(1, 2))
 
@@ -139,6 +143,10 @@ class Config:
     fine_tune_layers: int = option(0, "unfreeze the last N backbone layers in the second phase; 0 = all", TRAINING,
                                    low=0)
     fine_tune_lr: float = option(1e-5, "learning rate of the second phase", TRAINING, low=0.0, high=1.0)
+    consistency: float = option(0.0, "weight of a Jensen-Shannon consistency loss between two augmented views of "
+                                "each image (Hendrycks et al., AugMix, ICLR 2020); a batch then holds batch_size/2 "
+                                "images twice, so an epoch costs about twice the time; 0 = off", TRAINING,
+                                low=0.0, high=50.0)
     mixed_precision: bool = option(False, "float16 on a GPU, bfloat16 on a CPU with AMX/AVX512-BF16, else off",
                                    TRAINING)
     xla: bool = option(False, "XLA-compile the training step (GPU only)", TRAINING)
@@ -249,6 +257,13 @@ def validate(cfg: Config, given=()) -> list[str]:
     if cfg.val_fraction + cfg.test_fraction >= 0.9:
         raise ValueError(f"val_fraction + test_fraction is {cfg.val_fraction + cfg.test_fraction:g}; leave at least "
                          "10% of the images for training")
+    if cfg.consistency > 0:
+        if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
+            raise ValueError("--consistency compares two views of the same image, which mixup and CutMix blend with "
+                             "other images; use --mixup-alpha 0 --cutmix-alpha 0 with it, or --consistency 0")
+        if cfg.batch_size < 4 or cfg.batch_size % 2:
+            raise ValueError(f"--consistency needs an even batch_size of at least 4 (two views of batch_size/2 "
+                             f"images), got {cfg.batch_size}")
     if cfg.low_res_size:
         if not 32 <= cfg.low_res_size < 96:
             raise ValueError(f"low_res_size is {cfg.low_res_size}; use a size from 32 to 95 (64 is 1.9x cheaper "

@@ -43,6 +43,18 @@ class Preprocess(layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
+@keras.saving.register_keras_serializable(package="trainer")
+class ChannelNorm(layers.Layer):
+    """Each channel of each image to mean 128 and standard deviation 64: the pixel scale the backbones expect,
+    with a per-image colour gain, offset or contrast factor divided out (up to clipping at 0 and 255)."""
+
+    def call(self, x):
+        mean = keras.ops.mean(x, axis=(1, 2), keepdims=True)
+        centred = x - mean
+        std = keras.ops.sqrt(keras.ops.mean(centred * centred, axis=(1, 2), keepdims=True) + 1.0)
+        return centred / std * 64.0 + 128.0
+
+
 def depthwise_rebuild(model: keras.Model) -> keras.Model:
     """Clone a model with every grouped Conv2D that is really depthwise rebuilt as DepthwiseConv2D.
 
@@ -132,7 +144,7 @@ def build_model(cfg: Config, any_size: bool = False) -> keras.Model:
                          f"{cfg.model}; use --low-res-size 0 or --model vanilla_cnn")
     keras.utils.set_random_seed(cfg.seed)
     inputs = keras.Input((None, None, 3) if any_size else (96, 96, 3), name="pixels")  # raw 0-255 RGB
-    x = inputs
+    x = ChannelNorm(name="channel_norm")(inputs) if cfg.input_norm == "channel" else inputs
     size = cfg.input_size
     if spec.keras_app is None:
         if size != 96:

@@ -140,6 +140,42 @@ def precise_batchnorm(model, batches) -> int:
 
 # ---- one model ---------------------------------------------------------------------------------------
 
+def consistency_loss(cfg: Config):
+    """Cross-entropy plus cfg.consistency times the Jensen-Shannon divergence between the two views of each image.
+
+    train_dataset puts the second view of image i at i + batch/2. Per sample, so Keras's sample weights still apply;
+    each pair's divergence is counted once in each half.
+    """
+    import keras
+    from keras import ops
+
+    cross_entropy = keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing, reduction=None)
+    # Validation batches are not pairs: the callback turns the divergence off around them, so val_loss stays the
+    # plain cross-entropy that the plateau schedule and the logs compare.
+    weight = keras.Variable(cfg.consistency, trainable=False, name="consistency_weight")
+
+    class PairsOnlyInTraining(keras.callbacks.Callback):
+        def on_test_begin(self, logs=None):
+            weight.assign(0.0)
+
+        def on_test_end(self, logs=None):
+            weight.assign(cfg.consistency)
+
+    def loss(y_true, y_pred):
+        p = ops.clip(ops.cast(y_pred, "float32"), 1e-7, 1.0)
+        first, second = ops.split(p, 2, axis=0)
+        middle = (first + second) / 2
+
+        def kl(a):
+            return ops.sum(a * (ops.log(a) - ops.log(middle)), axis=-1)
+
+        divergence = (kl(first) + kl(second)) / 2
+        return cross_entropy(y_true, y_pred) + weight * ops.concatenate([divergence, divergence], axis=0)
+
+    loss.__name__ = "cross_entropy_plus_consistency"
+    return loss, PairsOnlyInTraining()
+
+
 def fit(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
         val_idx: np.ndarray, deadline: float, on_epoch_end=None):
     """Train one model on train_idx with early stopping on val_idx; resumes phases already on disk.
@@ -154,7 +190,10 @@ def fit(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray, train
 
     strategy, n_gpus = hardware_strategy(cfg)
     jit = bool(cfg.xla and n_gpus)
-    loss = keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
+    loss, extra_callbacks = keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing), []
+    if cfg.consistency > 0:
+        loss, pairs_only = consistency_loss(cfg)
+        extra_callbacks.append(pairs_only)
     with strategy.scope():
         model = build_model(cfg, any_size=bool(cfg.low_res_size))
     size = tf.Variable(cfg.low_res_size, trainable=False, dtype=tf.int32) if cfg.low_res_size else None
@@ -163,7 +202,8 @@ def fit(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray, train
     weights = data.class_weights(labels[train_idx]) if cfg.balance == "class_weights" else None
     train_ds = train_dataset(images[fit_idx], labels[fit_idx], cfg, size=size)
     val_ds = eval_dataset(images[val_idx], labels[val_idx], cfg.batch_size)
-    steps = cfg.steps_per_epoch or math.ceil(len(fit_idx) / cfg.batch_size)
+    # An epoch is one pass over the training images; with the consistency loss a step holds half as many.
+    steps = cfg.steps_per_epoch or math.ceil(len(fit_idx) / (cfg.batch_size // (2 if cfg.consistency > 0 else 1)))
     verbose = cfg.verbose if cfg.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
 
     phases = [("train", cfg.epochs, cfg.learning_rate)]
@@ -190,7 +230,8 @@ def fit(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray, train
                    f"{'time budget' if deadline else 'epochs'}, then at 96x96" if size is not None else ""))
             # shuffle=False: train_dataset shuffles; Keras cannot shuffle a tf.data.Dataset and warns if asked to.
             model.fit(train_ds, shuffle=False, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds,
-                      callbacks=callbacks_for(cfg, phase_dir, deadline, lr, epochs, on_epoch_end, size),
+                      callbacks=callbacks_for(cfg, phase_dir, deadline, lr, epochs, on_epoch_end, size)
+                      + extra_callbacks,
                       class_weight=weights, verbose=verbose)
         if os.path.exists(best):
             with warnings.catch_warnings():
