@@ -1,11 +1,15 @@
-"""The MedMNIST-C bloodmnist corruptions: each behaves as published, and training never reaches them."""
+"""The MedMNIST-C bloodmnist corruptions: each behaves as published, scoring holds every figure, training never
+reaches them."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 from test_heldout import CONFIGS, TRAINING, op_function, reach
 
-from trainer import heldout, medmnist_c
+from trainer import heldout, medmnist_c, medmnist_c_eval
+from trainer.evaluate import models_by_views
 
 DETERMINISTIC = ("pixelate", "jpeg_compression", "defocus_blur", "brightness_up", "brightness_down", "contrast_up",
                  "contrast_down", "saturate")
@@ -163,15 +167,94 @@ def test_seen_follows_the_declared_split():
 
 def test_training_never_reaches_medmnist_c():
     """As the held-out rule (tests/test_heldout.py): no training op is or calls a MedMNIST-C corruption, its helpers
-    or its tables, and fit and the tf.data pipeline reach nothing of trainer/medmnist_c.py."""
+    or its tables, and fit and the tf.data pipeline reach nothing of trainer/medmnist_c.py or its scoring."""
     ours = set()
     for function in medmnist_c.CORRUPTIONS.values():
         ours |= reach((function.__module__, function.__name__))
     assert ("trainer.medmnist_c", "_motion_blur") in ours and ("trainer.medmnist_c", "MOTION") in ours
+    assert ("trainer.medmnist_c", "_stain") in reach(("trainer.medmnist_c_eval", "score"))  # the walk sees in
     assert not TRAINING & ours, sorted(TRAINING & ours)
-    assert not [d for d in TRAINING if d[0] == "trainer.medmnist_c"]
+    assert not [d for d in TRAINING if d[0] in ("trainer.medmnist_c", "trainer.medmnist_c_eval")]
     codes = {f.__code__ for f in medmnist_c.CORRUPTIONS.values()}
     from trainer import augment
     for cfg in CONFIGS.values():
         for op in map(op_function, augment.corruption_ops(cfg)):
             assert op.__code__ not in codes and op.__module__ != "trainer.medmnist_c", op.__name__
+
+
+# ---- scoring --------------------------------------------------------------------------------------------
+
+def memoriser(images, labels):
+    """Knows every clean image by heart, answers class 0 otherwise: a figure read off a clean image shows."""
+    known = {image.tobytes(): label for image, label in zip(images, labels)}
+    return lambda batch: np.array([known.get(image.tobytes(), 0) for image in batch])
+
+
+def test_score_reads_every_figure_off_corrupted_copies(cells, inks):
+    images, labels = cells[0][:20], cells[1][:20]
+    base = float((labels == 0).mean())
+    result = medmnist_c_eval.score(memoriser(images, labels), images, labels, seed=3, max_images=20, inks=inks)
+    assert result["clean"] == 1.0 and result["images"] == 20 and result["seed"] == 3 and not result["skipped"]
+    assert list(result["per_corruption"]) == list(medmnist_c.KINDS)
+    for kind, row in result["per_corruption"].items():
+        assert row["split"] == medmnist_c.SPLIT[kind]
+        assert list(row["severities"]) == ["1", "2", "3", "4", "5"]
+        # four images per severity; each cell is the share of class 0 among its own four
+        severities = medmnist_c_eval.severities_for(20, medmnist_c.KINDS.index(kind))
+        for s, value in row["severities"].items():
+            assert value == pytest.approx((labels[severities == int(s)] == 0).mean()), (kind, s)
+        assert row["accuracy"] == pytest.approx(np.mean(list(row["severities"].values())))
+    kinds = result["per_corruption"]
+    assert result["overall"] == pytest.approx(base)  # every kind sees all 20 images once
+    assert result["unseen"] == pytest.approx(np.mean([kinds[k]["accuracy"] for k in medmnist_c.UNSEEN]))
+    for s in "12345":
+        assert result["per_severity"][s] == pytest.approx(np.mean([r["severities"][s] for r in kinds.values()]))
+    again = medmnist_c_eval.score(memoriser(images, labels), images, labels, seed=3, max_images=10, inks=inks)
+    assert again["images"] == 10
+    table = medmnist_c_eval.table(result)
+    assert all(kind in table for kind in medmnist_c.KINDS) and "unseen kinds" in table
+
+
+def test_every_kind_sees_every_severity_on_a_fifth_of_the_images():
+    for k in range(len(medmnist_c.KINDS)):
+        severities = medmnist_c_eval.severities_for(500, k)
+        assert all((severities == s).sum() == 100 for s in range(1, 6))
+    image_meets = np.stack([medmnist_c_eval.severities_for(500, k) for k in range(len(medmnist_c.KINDS))], 1)
+    assert all(set(row) == {1, 2, 3, 4, 5} for row in image_meets)
+
+
+def test_score_without_inks_skips_stain_deposit_and_says_why(cells, monkeypatch, tmp_path):
+    monkeypatch.setenv(medmnist_c.INKS_ENV, str(tmp_path / "missing.npz"))
+    images, labels = cells[0][:10], cells[1][:10]
+    result = medmnist_c_eval.score(memoriser(images, labels), images, labels, seed=0, max_images=10)
+    assert "stain_deposit" not in result["per_corruption"] and len(result["per_corruption"]) == 10
+    assert "pip install --no-deps medmnistc" in result["skipped"]["stain_deposit"]
+    assert result["unseen"] == pytest.approx(np.mean([result["per_corruption"][k]["accuracy"]
+                                                      for k in ("defocus_blur", "motion_blur", "bubble")]))
+    assert "stain_deposit: skipped" in medmnist_c_eval.table(result)
+
+
+def test_exported_model_scores_as_a_predict_function_does(submission_dir, cells, inks, tmp_path, capsys):
+    """evaluate --medmnist-c (an exported model through model.py) and the runs' score() agree on the same images
+    and seed: one design, two doors."""
+    images, labels = cells[0][:10], cells[1][:10]
+    rows = medmnist_c_eval.evaluate_exported(str(submission_dir), images, labels, (1,), seed=5)
+    for _, model in models_by_views(str(submission_dir), [1], "medmnist_c_test"):
+        direct = medmnist_c_eval.score(model.predict, images, labels, seed=5, max_images=10)
+    for key in ("overall", "unseen", "seen", "clean", "per_severity", "per_corruption", "skipped", "images"):
+        assert rows[0][key] == direct[key], key
+    data = tmp_path / "cells.npz"
+    np.savez(data, images=images, labels=labels)
+    from trainer.__main__ import main
+    out = tmp_path / "mmc.json"
+    assert main(["evaluate", "--model", str(submission_dir), "--data", str(data), "--medmnist-c", "--views", "1",
+                 "--seed", "5", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "MedMNIST-C" in printed and "unseen kinds" in printed
+    assert json.loads(out.read_text())["rows"][0]["overall"] == pytest.approx(rows[0]["overall"])
+    for extra, message in ((["--heldout"], "drop --corrupt, --heldout and --per-corruption"),
+                           (["--max-images", "0"], "--max-images takes a number of images")):
+        assert main(["evaluate", "--model", str(submission_dir), "--data", str(data), "--medmnist-c", *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(submission_dir), "--data", str(data), "--max-images", "5"]) == 2
+    assert "add --medmnist-c" in capsys.readouterr().err
