@@ -426,7 +426,8 @@ def test_tune_reports_the_trade_off_within_its_budget(tmp_path, data_path):
     row = rows[0]
     assert row["corrupted_minus_clean"] == pytest.approx(row["corrupted"] - row["clean"])
     assert row["heldout_minus_clean"] == pytest.approx(row["heldout"] - row["clean"])
-    assert "| candidate | clean | held-out | held-out - clean | in-distribution |" in proc.stdout
+    assert "| candidate | clean | held-out | held-out - clean | in-distribution | MedMNIST-C |" in proc.stdout
+    assert 0.0 <= row["medmnist_c"] <= 1.0 and 0.0 <= row["medmnist_c_unseen"] <= 1.0
 
 
 def test_cosine_schedule_decays_to_the_last_epoch_that_fits(tmp_path):

@@ -298,8 +298,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("runs", help="table of all runs, newest first")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--sort", default="date", help="column to sort by: name, date, model, optimizer, notes, epochs, "
-                   "time, clean, heldout (held-out corrupted), in_dist (in-distribution corrupted; also: corrupted), "
-                   "f1, onnx_mb, projected, verdict")
+                   "time, clean, heldout (held-out corrupted), mmc (MedMNIST-C), in_dist (in-distribution "
+                   "corrupted; also: corrupted), f1, onnx_mb, projected, verdict")
     p.add_argument("--reverse", action="store_true", help="flip the order (numbers and dates sort largest first)")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.set_defaults(func=cmd_runs)
