@@ -31,6 +31,8 @@ $(STAMP): requirements.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -r requirements.txt -c constraints.txt
+# Only for the stain-deposit inks that trainer/medmnist_c.py reads; its own dependencies (PyTorch) stay out.
+	$(PY) -m pip install --no-deps -c constraints.txt medmnistc
 	touch $(STAMP)
 
 train: $(STAMP)  ## clean, split, train, evaluate, export one run (PROFILE=cpu: about 57 min)

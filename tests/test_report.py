@@ -78,8 +78,11 @@ def test_page_names_every_section_that_applies(runs_dir):
     assert f"{100 * metrics['test']['accuracy']:.2f}%" in text
     assert f"{100 * metrics['robustness']['corrupted']['accuracy']:.2f}%" in text
     assert f"{100 * metrics['heldout']['corrupted']['accuracy']:.2f}%" in text
+    assert f"{100 * metrics['medmnist_c']['overall']:.2f}%" in text
+    assert f"{metrics['medmnist_c']['per_corruption']['defocus_blur']['accuracy']:.3f}" in text
     for name in ("Basophil", "Immature granulocytes", "Platelet", "severity 5", "PASS", "812.5", "onnx fp32",
-                 "held-out corrupted accuracy", "in-distribution corrupted accuracy", "stain_precipitate"):
+                 "held-out corrupted accuracy", "in-distribution corrupted accuracy", "stain_precipitate",
+                 "MedMNIST-C: accuracy per corruption and severity", "MedMNIST-C accuracy", "unseen kinds"):
         assert name in text
     # The held-out figure leads: its card comes before the in-distribution one.
     assert text.index("held-out corrupted accuracy") < text.index("in-distribution corrupted accuracy")
@@ -181,9 +184,9 @@ def test_make_runs_lists_both_runs_with_their_figures(runs_dir):
     assert [line.split()[0] for line in body] == ["beta", "alpha"], "newest first"
     alpha, beta = body[1], body[0]
     a, b = (json.load(open(runs_dir / n / "metrics.json")) for n in ("alpha", "beta"))
-    assert lines[0].split()[7:10] == ["clean", "heldout", "in_dist"]
+    assert lines[0].split()[7:11] == ["clean", "heldout", "mmc", "in_dist"]
     for figure in (f"{a['test']['accuracy']:.4f}", f"{a['robustness']['corrupted']['accuracy']:.4f}",
-                   f"{a['heldout']['corrupted']['accuracy']:.4f}",
+                   f"{a['heldout']['corrupted']['accuracy']:.4f}", f"{a['medmnist_c']['overall']:.4f}",
                    f"{a['test']['macro_f1']:.4f}", f"{a['export']['bytes'] / 1e6:.1f}", "PASS", "62s",
                    runs.duration(a["train_seconds"]), "nadam"):
         assert figure in alpha, (figure, alpha)

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from trainer import heldout, models  # noqa: F401  models registers the custom layers for load_model
+from trainer import heldout, medmnist_c, models  # noqa: F401  models registers the custom layers for load_model
 from trainer.augment import augmented_samples
 from trainer.config import load_config
 from trainer.evaluate import train_vs_inference_mode
@@ -67,6 +67,10 @@ def test_metrics_hold_every_figure(smoke_run):
     assert held["corrupted"]["n"] == metrics["test"]["n"] and 0.0 <= held["corrupted"]["accuracy"] <= 1.0
     assert list(held["per_corruption"]) == list(heldout.HELD_OUT) and held["per_corruption_images"] == 64
     assert all(list(row) == ["1", "3", "5"] for row in held["per_corruption"].values())
+    mmc = metrics["medmnist_c"]
+    assert mmc["images"] == 64 and list(mmc["per_severity"]) == ["1", "2", "3", "4", "5"]
+    assert set(mmc["per_corruption"]) | set(mmc["skipped"]) == set(medmnist_c.KINDS)
+    assert all(0.0 <= mmc[k] <= 1.0 for k in ("overall", "unseen", "seen", "clean"))
     assert metrics["export"]["parity"]["ok"]
 
 
@@ -392,6 +396,24 @@ def test_evaluate_heldout_reproduces_metrics(smoke_run, tmp_path):
     assert refused.returncode == 2 and "pick one" in refused.stderr
 
 
+def test_evaluate_medmnist_c_reproduces_metrics(smoke_run, tmp_path):
+    """--medmnist-c through submission/model.py, on the run's test split with its seed and image count, scores
+    the MedMNIST-C copies the run scored: the same figures, but for the few labels ONNX and Keras may differ on."""
+    run = smoke_run[0]
+    metrics = json.loads((run / "metrics.json").read_text())["medmnist_c"]
+    config = json.loads((run / "config.json").read_text())
+    out = tmp_path / "mmc.json"
+    proc = subprocess.run([sys.executable, "-m", "trainer", "evaluate", "--model", str(run), "--data",
+                           str(run / "holdout.npz"), "--views", "1", "--medmnist-c", "--seed", str(config["seed"]),
+                           "--max-images", str(config["robustness_images"]), "--out", str(out)],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["images"] == metrics["images"] and row["skipped"] == metrics["skipped"]
+    assert abs(row["overall"] - metrics["overall"]) <= 2.0 / metrics["images"]
+    assert "unseen kinds" in proc.stdout and "bubble" in proc.stdout
+
+
 def test_tune_reports_the_trade_off_within_its_budget(tmp_path, data_path):
     proc = subprocess.run([sys.executable, "-m", "trainer", "tune", "--profile", "smoke", "--data", data_path,
                            "--runs-dir", str(tmp_path), "--name", "t", "--limit", "300", "--epochs", "1",
@@ -404,7 +426,8 @@ def test_tune_reports_the_trade_off_within_its_budget(tmp_path, data_path):
     row = rows[0]
     assert row["corrupted_minus_clean"] == pytest.approx(row["corrupted"] - row["clean"])
     assert row["heldout_minus_clean"] == pytest.approx(row["heldout"] - row["clean"])
-    assert "| candidate | clean | held-out | held-out - clean | in-distribution |" in proc.stdout
+    assert "| candidate | clean | held-out | held-out - clean | in-distribution | MedMNIST-C |" in proc.stdout
+    assert 0.0 <= row["medmnist_c"] <= 1.0 and 0.0 <= row["medmnist_c_unseen"] <= 1.0
 
 
 def test_cosine_schedule_decays_to_the_last_epoch_that_fits(tmp_path):

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from . import corrupt, data, files, gradcam, heldout, heldout_eval, runs
+from . import corrupt, data, files, gradcam, heldout, heldout_eval, medmnist_c_eval, runs
 from .config import (
     PROFILES,
     add_config_arguments,
@@ -108,6 +108,10 @@ def cmd_evaluate(args) -> int:
                          "pick one")
     if args.heldout and labels is None:
         raise ValueError(f"--heldout scores accuracy, so it needs labels, and {args.data} has none")
+    if args.max_images is not None and not args.medmnist_c:
+        raise ValueError("--max-images sets how many images --medmnist-c scores; add --medmnist-c or drop it")
+    if args.medmnist_c:
+        return evaluate_medmnist_c(args, images, labels, name)
     if args.corrupt:
         images, recipes = corrupt.corrupt_mix(images, seed=args.seed)
         name += f" (corrupted, seed {args.seed})"
@@ -141,6 +145,27 @@ def cmd_evaluate(args) -> int:
     if args.out:
         files.write_json(args.out, {"model": args.model, "data": args.data, "corrupted": args.corrupt,
                                     "heldout": args.heldout, "seed": args.seed, "rows": rows})
+    return 0
+
+
+def evaluate_medmnist_c(args, images, labels, name) -> int:
+    """evaluate --medmnist-c: the MedMNIST-C table of an exported model, once per number of views."""
+    if args.corrupt or args.heldout or args.per_corruption:
+        raise ValueError("--medmnist-c makes its own corrupted copies and scores each corruption already; drop "
+                         "--corrupt, --heldout and --per-corruption")
+    if labels is None:
+        raise ValueError(f"--medmnist-c scores accuracy, so it needs labels, and {args.data} has none")
+    if args.max_images is not None and args.max_images < 1:
+        raise ValueError(f"--max-images takes a number of images, 1 or more; got {args.max_images}")
+    views = [int(v) for v in args.views.split(",")]
+    rows = medmnist_c_eval.evaluate_exported(args.model, images, labels, views, args.seed, args.max_images)
+    print(f"{args.model} on {name}: the MedMNIST-C bloodmnist corruptions (seed {args.seed}), {rows[0]['images']} "
+          "images, each under all 11 at severities 1-5 in turn")
+    for r in rows:
+        print(f"\n{r['views']} view(s), {r['img_per_s']:.1f} img/s:\n{medmnist_c_eval.table(r)}")
+    if args.out:
+        files.write_json(args.out, {"model": args.model, "data": args.data, "medmnist_c": True, "seed": args.seed,
+                                    "rows": rows})
     return 0
 
 
@@ -237,6 +262,13 @@ def main(argv=None) -> int:
     p.add_argument("--heldout", action="store_true",
                    help="score a held-out corrupted copy: 1-3 of the 18 corruptions no training setting reaches "
                         "(docs/robustness.md); needs labels")
+    p.add_argument("--medmnist-c", action="store_true",
+                   help="score the MedMNIST-C bloodmnist corruptions instead: each image under all 11 (published "
+                        "by others; 4 kinds unseen in training), severities 1-5 in turn (docs/robustness.md); "
+                        "needs labels")
+    p.add_argument("--max-images", type=int, default=None,
+                   help="with --medmnist-c: up to this many images, drawn with --seed as a run draws its "
+                        "--robustness-images (default: all)")
     p.add_argument("--seed", type=int, default=42, help="seed of the corrupted copy (a run uses its config seed)")
     p.add_argument("--per-corruption", action="store_true",
                    help="also score each of the 21 corruptions alone (with --heldout: the 18 held-out ones), at "
@@ -266,8 +298,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("runs", help="table of all runs, newest first")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--sort", default="date", help="column to sort by: name, date, model, optimizer, notes, epochs, "
-                   "time, clean, heldout (held-out corrupted), in_dist (in-distribution corrupted; also: corrupted), "
-                   "f1, onnx_mb, projected, verdict")
+                   "time, clean, heldout (held-out corrupted), mmc (MedMNIST-C), in_dist (in-distribution "
+                   "corrupted; also: corrupted), f1, onnx_mb, projected, verdict")
     p.add_argument("--reverse", action="store_true", help="flip the order (numbers and dates sort largest first)")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.set_defaults(func=cmd_runs)

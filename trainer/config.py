@@ -158,9 +158,9 @@ class Config:
                                   "low_res_size", TRAINING, low=0.0, high=1.0)
 
     # evaluation
-    robustness_images: int = option(500, "images per family and severity in the robustness table, and per held-out "
-                                    "corruption and severity; 0 = skip both corrupted scores", EVALUATION, low=0,
-                                    resume=True)
+    robustness_images: int = option(500, "images per family and severity in the robustness table, per held-out "
+                                    "corruption and severity, and per MedMNIST-C corruption (a fifth at each "
+                                    "severity); 0 = skip the corrupted scores", EVALUATION, low=0, resume=True)
     inference_memory_mb: int = option(1024, "memory for the activations of one batch after training (evaluation, "
                                       "BatchNorm check, robustness, the export's parity check); sets their batch "
                                       "size from the model's largest layer output, at most 128", EVALUATION,

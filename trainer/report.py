@@ -199,9 +199,11 @@ def summary(run: RunFolder) -> str:
     split, scores = run.scored()
     corrupted = (m.get("robustness") or {}).get("corrupted", {})
     held = (m.get("heldout") or {}).get("corrupted", {})
+    mmc = m.get("medmnist_c") or {}
     cards = [card(f"{split} accuracy", pct(scores["accuracy"])) if scores else "",
              card(f"{split} macro F1", f"{scores['macro_f1']:.4f}") if scores else "",
              card("held-out corrupted accuracy", pct(held["accuracy"])) if held else "",
+             card("MedMNIST-C accuracy", pct(mmc["overall"])) if mmc.get("overall") is not None else "",
              card("in-distribution corrupted accuracy", pct(corrupted["accuracy"])) if corrupted else "",
              card("epochs", fmt(m["epochs"])) if "epochs" in m else "",
              card("training time", duration(m["train_seconds"])) if "train_seconds" in m else ""]
@@ -325,8 +327,8 @@ def class_table(split: str, scores: dict) -> str:
 
 
 def robustness(run: RunFolder) -> str:
-    rob, held = run.metrics.get("robustness"), run.metrics.get("heldout")
-    if not rob and not held:
+    rob, held, mmc = run.metrics.get("robustness"), run.metrics.get("heldout"), run.metrics.get("medmnist_c")
+    if not rob and not held and not mmc:
         return ""
     split, scores = run.scored()
     rows = [[esc(f"clean {split}"), pct(scores.get("accuracy")), fmt(scores.get("macro_f1"))]]
@@ -344,6 +346,10 @@ def robustness(run: RunFolder) -> str:
                              set(range(2, 2 + len(severities))))
                      + f'<p class="muted">{esc(str(held.get("per_corruption_images", "?")))} images per corruption '
                        "and severity; corruptions and severities: docs/robustness.md.</p>")
+    if mmc:
+        rows.append([esc(f"MedMNIST-C bloodmnist corruptions of {split}, mean of the 11 (published by others; "
+                         "4 kinds unseen in training)"), pct(mmc.get("overall")), "-"])
+        parts.append(medmnist_c_table(mmc))
     if rob:
         corrupted = rob.get("corrupted", {})
         rows.append([esc(f"in-distribution corrupted {split} (1-3 suite corruptions, mostly seen in training)"),
@@ -360,6 +366,29 @@ def robustness(run: RunFolder) -> str:
         if rob else ""
     return (f'<div class="row"><div>{table(["images", "accuracy", "macro F1"], rows, {1, 2})}{"".join(parts)}</div>'
             f"{plot}</div>")
+
+
+def medmnist_c_table(mmc: dict) -> str:
+    """The MedMNIST-C figures: a row per corruption (seen or unseen in training, each severity, mean), the mean of
+    the kinds per severity, and the overall, unseen and seen means."""
+    severities = ["1", "2", "3", "4", "5"]
+
+    def cells(values: dict) -> list[str]:
+        return [f"{values[s]:.3f}" if s in values else "-" for s in severities]
+    rows = [[esc(kind), esc(row.get("split", "?"))] + cells(row.get("severities", {})) + [f"{row['accuracy']:.3f}"]
+            for kind, row in mmc.get("per_corruption", {}).items()]
+    rows.append(["<b>all kinds</b>", ""] + cells(mmc.get("per_severity", {}))
+                + [f"<b>{mmc['overall']:.3f}</b>" if mmc.get("overall") is not None else "-"])
+    means = (f"overall {pct(mmc.get('overall'))}, unseen kinds {pct(mmc.get('unseen'))}, seen kinds "
+             f"{pct(mmc.get('seen'))}; the same images clean {pct(mmc.get('clean'))}")
+    skipped = "".join(f'<div class="warn">{esc(kind)}: {esc(why)}</div>' for kind, why in
+                      (mmc.get("skipped") or {}).items())
+    return ("<h3>MedMNIST-C: accuracy per corruption and severity</h3>"
+            + table(["corruption", "split"] + [f"severity {s}" for s in severities] + ["mean"], rows,
+                    set(range(2, 8)))
+            + f'<p class="muted">{esc(means)}. {esc(str(mmc.get("images", "?")))} images, each under every '
+              "corruption at one severity, severities in turn (a fifth of them at each); seen: training draws the "
+              f"same operation (docs/robustness.md).</p>{skipped}")
 
 
 def benchmark(run: RunFolder) -> str:

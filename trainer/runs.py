@@ -10,9 +10,11 @@ import time
 from .registry import MODELS
 
 # (column, kind): kind says how it sorts and prints; numbers and dates sort descending, text ascending.
-# heldout: accuracy on corruptions no training setting reaches; in_dist: on the suite's, mostly seen in training.
+# heldout: accuracy on corruptions no training setting reaches; mmc: the mean over MedMNIST-C's 11 bloodmnist
+# corruptions (an external reference); in_dist: on the suite's, mostly seen in training.
 COLUMNS = [("name", "text"), ("date", "date"), ("model", "text"), ("optimizer", "text"), ("notes", "text"),
-           ("epochs", "int"), ("time", "duration"), ("clean", "acc"), ("heldout", "acc"), ("in_dist", "acc"),
+           ("epochs", "int"), ("time", "duration"), ("clean", "acc"), ("heldout", "acc"), ("mmc", "acc"),
+           ("in_dist", "acc"),
            ("f1", "acc"), ("onnx_mb", "mb"), ("projected", "seconds"), ("verdict", "text")]
 KINDS = dict(COLUMNS)
 ALIASES = {"corrupted": "in_dist"}  # the in-distribution column's name before the held-out one came
@@ -103,6 +105,7 @@ def run_row(run_dir: str) -> dict:
         "time": metrics.get("train_seconds"),
         "clean": scored.get("accuracy"),
         "heldout": held.get("accuracy"),
+        "mmc": (metrics.get("medmnist_c") or {}).get("overall"),
         "in_dist": corrupted.get("accuracy"),
         "f1": scored.get("macro_f1"),
         "onnx_mb": onnx_mb(run_dir, metrics),

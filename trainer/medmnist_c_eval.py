@@ -1,0 +1,145 @@
+"""Score a model on the MedMNIST-C bloodmnist corruptions: a predict function (runs) or an exported model."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from . import medmnist_c
+from .evaluate import models_by_views
+
+SEVERITIES = (1, 2, 3, 4, 5)
+
+
+def severities_for(n: int, kind_index: int) -> np.ndarray:
+    """The severity each of n images gets under the kind at kind_index: 1 to 5 in turn, started one further for
+    each kind, so a kind sees every severity on a fifth of the images and an image meets every severity across the
+    kinds.
+
+    Why one severity per image and kind rather than all five: for the same number of predictions, five times as
+    many different images per corruption. An image's five severities mostly share its fate (a hard cell is wrong
+    at all of them), so the all-pairs design buys far less than 5x the certainty per prediction.
+    """
+    return (np.arange(n) + kind_index) % len(SEVERITIES) + 1
+
+
+def corrupted(images: np.ndarray, seed: int, inks: dict | None = None):
+    """Yield (kind, corrupted copy, severity per image) for each MedMNIST-C kind, or (kind, None, why) for a kind
+    that cannot run here (stain deposit without the package's inks). Seeded per kind and severity, so a kind's copy
+    does not depend on which kinds ran before it."""
+    images = medmnist_c.check_images(images)
+    why = None
+    if inks is None:
+        try:
+            inks = medmnist_c.load_inks()
+        except (FileNotFoundError, ValueError) as err:
+            why = f"skipped: {err}"
+    for k, kind in enumerate(medmnist_c.KINDS):
+        if kind == "stain_deposit" and why:
+            yield kind, None, why
+            continue
+        severities = severities_for(len(images), k)
+        out = np.empty_like(images)
+        for severity in SEVERITIES:
+            rows = np.flatnonzero(severities == severity)
+            rng = np.random.default_rng([seed, k, severity])
+            out[rows] = medmnist_c.apply(images[rows], kind, severity, rng, inks)
+        yield kind, out, severities
+
+
+def summarise(correct: dict, clean_correct: np.ndarray, skipped: dict, seed: int) -> dict:
+    """The figures from {kind: (right or wrong per image, severity per image)}: each kind's accuracy per severity
+    and its mean over them; per severity, the mean over kinds; overall, over seen and over unseen kinds, each the
+    mean of the kinds' figures."""
+    per_corruption = {}
+    for kind, (right, severities) in correct.items():
+        cells = {str(s): float(right[severities == s].mean()) for s in SEVERITIES if (severities == s).any()}
+        per_corruption[kind] = {"split": medmnist_c.SPLIT[kind], "accuracy": float(np.mean(list(cells.values()))),
+                                "severities": cells}
+
+    def mean_of(kinds):
+        values = [per_corruption[k]["accuracy"] for k in kinds if k in per_corruption]
+        return float(np.mean(values)) if values else None
+    per_severity = {}
+    for s in map(str, SEVERITIES):
+        values = [row["severities"][s] for row in per_corruption.values() if s in row["severities"]]
+        if values:
+            per_severity[s] = float(np.mean(values))
+    return {"overall": mean_of(medmnist_c.KINDS), "unseen": mean_of(medmnist_c.UNSEEN),
+            "seen": mean_of([k for k in medmnist_c.KINDS if k not in medmnist_c.UNSEEN]),
+            "clean": float(clean_correct.mean()) if len(clean_correct) else None, "images": int(len(clean_correct)),
+            "seed": seed, "per_severity": per_severity, "per_corruption": per_corruption, "skipped": skipped}
+
+
+def _pick(n: int, seed: int, max_images: int | None) -> np.ndarray:
+    """Up to max_images indices, drawn with the seed as heldout_eval.score draws its images: the same cells."""
+    if max_images is None or max_images >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, max_images, replace=False))
+
+
+def score(predict_labels, images: np.ndarray, labels: np.ndarray, seed: int, max_images: int = 500,
+          inks: dict | None = None) -> dict:
+    """The MedMNIST-C figure of a model: each of up to max_images images under every one of the 11 bloodmnist
+    corruptions, at severities 1-5 in turn (severities_for), plus the same images clean.
+
+    predict_labels maps a uint8 batch to class indices. Returns summarise()'s figures and the seconds it took.
+    """
+    started = time.perf_counter()
+    pick = _pick(len(images), seed, max_images)
+    images, labels = images[pick], labels[pick]
+    correct, skipped = {}, {}
+    for kind, copy, severities in corrupted(images, seed, inks):
+        if copy is None:
+            skipped[kind] = severities
+            continue
+        correct[kind] = (predict_labels(copy) == labels, severities)
+    result = summarise(correct, predict_labels(images) == labels, skipped, seed)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def evaluate_exported(model_dir: str, images: np.ndarray, labels: np.ndarray, views_list=(1,), seed: int = 42,
+                      max_images: int | None = None) -> list[dict]:
+    """An exported model (run or submission folder) on the MedMNIST-C copies of up to max_images images (all by
+    default), once per number of TTA views: summarise()'s figures, the seconds and images per second.
+
+    The copies are made once and shared by the views; the views are fixed, as in evaluate.evaluate_exported."""
+    pick = _pick(len(images), seed, max_images)
+    images, labels = images[pick], labels[pick]
+    copies = list(corrupted(images, seed))
+    rows = []
+    for views, model in models_by_views(model_dir, views_list, "medmnist_c_model"):
+        started = time.perf_counter()
+        correct = {kind: (model.predict(copy) == labels, severities) for kind, copy, severities in copies
+                   if copy is not None}
+        clean = model.predict(images) == labels
+        seconds = time.perf_counter() - started
+        skipped = {kind: why for kind, copy, why in copies if copy is None}
+        predicted = len(images) * (len(correct) + 1)
+        rows.append({"views": views, "seconds": seconds, "img_per_s": predicted / seconds if seconds else 0.0,
+                     **summarise(correct, clean, skipped, seed)})
+    return rows
+
+
+def table(result: dict) -> str:
+    """summarise()'s figures as aligned text: a row per corruption (seen or unseen, each severity, mean), then
+    per severity, and the overall, seen and unseen means."""
+    def cell(value):
+        return f"{value:>7.3f}" if value is not None else f"{'-':>7}"
+    lines = [f"{'corruption':<18}{'split':<8}" + "".join(f"{'sev ' + str(s):>7}" for s in SEVERITIES)
+             + f"{'mean':>7}"]
+    for kind, row in result["per_corruption"].items():
+        lines.append(f"{kind:<18}{row['split']:<8}" + "".join(cell(row["severities"].get(str(s)))
+                                                               for s in SEVERITIES) + cell(row["accuracy"]))
+    lines.append(f"{'all kinds':<26}" + "".join(cell(result["per_severity"].get(str(s))) for s in SEVERITIES)
+                 + cell(result["overall"]))
+    lines.append(f"overall {_fmt(result['overall'])}, unseen kinds {_fmt(result['unseen'])}, seen kinds "
+                 f"{_fmt(result['seen'])}, clean {_fmt(result['clean'])} ({result['images']} images each)")
+    for kind, why in result["skipped"].items():
+        lines.append(f"{kind}: {why}")
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
