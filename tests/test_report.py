@@ -12,6 +12,7 @@ import sys
 import xml.etree.ElementTree as ET
 import zipfile
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
@@ -90,6 +91,19 @@ def test_page_names_every_section_that_applies(runs_dir):
     beta = parse_page(runs_dir / "beta" / "report.html")
     assert "benchmark" not in section_ids(beta)
     assert "No test split" in "".join(beta.itertext())
+
+
+def test_robustness_shows_every_scored_corruption_on_one_cell_with_its_accuracy(runs_dir):
+    from trainer import heldout, medmnist_c
+    gallery = runs_dir / "alpha" / "corruption_gallery.png"
+    assert gallery.exists(), "alpha has held-out and MedMNIST-C figures, so its report draws the gallery"
+    alpha = parse_page(runs_dir / "alpha" / "report.html")
+    assert "What the model is scored on" in "".join(alpha.itertext())
+    # one row per corruption at three severities (clean cell first), two corruptions a line
+    drawn = len(heldout.HELD_OUT) + len(medmnist_c.KINDS) - (medmnist_c.inks_path() is None)
+    height, width = plt.imread(str(gallery)).shape[:2]
+    assert width > height / (-(-drawn // 2)) * 3, "a line holds 7 pictures side by side"
+    assert not (runs_dir / "beta" / "corruption_gallery.png").exists(), "beta scored no corruption"
 
 
 def test_stopped_run_gets_a_page_with_what_it_has(runs_dir, tmp_path):

@@ -118,20 +118,23 @@ def robustness(per_family: dict, path: str) -> None:
 
 def corruption_preview(cell: np.ndarray, rows: list, path: str, severities=(1, 3, 5), per_row: int = 2) -> None:
     """A PNG of corruptions on one cell: each row starts with the clean cell, then per_row corruptions at each
-    severity; rows are (name, family, images) as heldout.preview_rows gives them."""
+    severity; rows are (name, family, images) as heldout.preview_rows gives them, or (name, family, images,
+    accuracies) to print the model's accuracy at each severity under its picture (None: not scored)."""
     lines = max(1, -(-len(rows) // per_row))
     columns = 1 + per_row * len(severities)
-    fig, axes = plt.subplots(lines, columns, figsize=(columns * 1.45, lines * 1.6), squeeze=False)
+    fig, axes = plt.subplots(lines, columns, figsize=(columns * 1.45, lines * 1.8), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for line in range(lines):
         axes[line, 0].imshow(cell, interpolation="nearest")
         axes[line, 0].set_title("clean", fontsize=7)
-    for k, (name, family, images) in enumerate(rows):
-        for j, (severity, image) in enumerate(zip(severities, images)):
+    for k, (name, family, images, *scored) in enumerate(rows):
+        accuracies = scored[0] if scored else [None] * len(severities)
+        for j, (severity, image, accuracy) in enumerate(zip(severities, images, accuracies)):
             ax = axes[k // per_row, 1 + (k % per_row) * len(severities) + j]
             ax.imshow(image, interpolation="nearest")
-            ax.set_title(f"{name} {severity}" if j else f"{family}:\n{name} {severity}", fontsize=6)
+            title = f"{name} {severity}" if j else f"{family}:\n{name} {severity}"
+            ax.set_title(title + ("" if accuracy is None else f"\nacc {accuracy:.2f}"), fontsize=6)
     save_figure(fig, path)
 
 

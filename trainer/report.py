@@ -10,7 +10,9 @@ import tempfile
 import time
 import traceback
 
-from . import files, gradcam, heldout
+import numpy as np
+
+from . import files, gradcam, heldout, medmnist_c, plots
 from .config import Config
 from .runs import benchmark_of, duration, read_history, read_json, run_date
 
@@ -364,8 +366,41 @@ def robustness(run: RunFolder) -> str:
                      f'<p class="muted">{esc(note)}</p>')
     plot = figure(run, "robustness.png", "In-distribution: accuracy against corruption severity, per family") \
         if rob else ""
+    if (held or mmc) and corruption_gallery(run):
+        parts.append(figure(run, GALLERY, "What the model is scored on: each held-out and MedMNIST-C corruption at "
+                                          "severities 1, 3 and 5 on the same test cell, with the model's accuracy "
+                                          "under that corruption and severity"))
     return (f'<div class="row"><div>{table(["images", "accuracy", "macro F1"], rows, {1, 2})}{"".join(parts)}</div>'
             f"{plot}</div>")
+
+
+GALLERY = "corruption_gallery.png"
+
+
+def corruption_gallery(run: RunFolder, severities=(1, 3, 5)) -> bool:
+    """Draw GALLERY once, from the first cell of holdout.npz and the accuracies in metrics.json; False when the
+    run has no holdout images. Stain deposit is left out when its inks are missing (the MedMNIST-C table says so)."""
+    if run.has(GALLERY):
+        return True
+    if not run.has("holdout.npz"):
+        return False
+    with np.load(run.path("holdout.npz")) as data:
+        cell = data["images"][0]
+    keys = [str(s) for s in severities]
+    rows = []
+    held = (run.metrics.get("heldout") or {}).get("per_corruption", {})
+    for name, family, images in heldout.preview_rows(cell, severities):
+        rows.append((name, f"held-out {family}", images, [held.get(name, {}).get(k) for k in keys]))
+    mmc = (run.metrics.get("medmnist_c") or {}).get("per_corruption", {})
+    inks = medmnist_c.load_inks() if medmnist_c.inks_path() else None
+    for kind in medmnist_c.KINDS:
+        if kind == "stain_deposit" and inks is None:
+            continue
+        images = [medmnist_c.apply(cell[None], kind, s, np.random.default_rng(s), inks)[0] for s in severities]
+        accuracies = [mmc.get(kind, {}).get("severities", {}).get(k) for k in keys]
+        rows.append((kind, f"MedMNIST-C {medmnist_c.SPLIT[kind]}", images, accuracies))
+    plots.corruption_preview(cell, rows, run.path(GALLERY), severities)
+    return True
 
 
 def medmnist_c_table(mmc: dict) -> str:
