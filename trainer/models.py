@@ -49,9 +49,12 @@ class ChannelNorm(layers.Layer):
     with a per-image colour gain, offset or contrast factor divided out (up to clipping at 0 and 255)."""
 
     def call(self, x):
-        mean = keras.ops.mean(x, axis=(1, 2), keepdims=True)
-        centred = x - mean
-        std = keras.ops.sqrt(keras.ops.mean(centred * centred, axis=(1, 2), keepdims=True) + 1.0)
+        # Means of rows, then of those: sums of 96 values, not 9,216, so float32 rounds alike in Keras and in any
+        # ONNX runtime (one long sum put 1e-4 between their probabilities, over the export's parity limit).
+        def mean(v):
+            return keras.ops.mean(keras.ops.mean(v, axis=2, keepdims=True), axis=1, keepdims=True)
+        centred = x - mean(x - 128.0) - 128.0
+        std = keras.ops.sqrt(mean(centred * centred) + 1.0)
         return centred / std * 64.0 + 128.0
 
 
