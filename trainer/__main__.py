@@ -1,4 +1,5 @@
-"""Command line: python -m trainer {train,augment,export,evaluate,tune,corrupt,report,gradcam,runs,config,options}."""
+"""Command line: python -m trainer {train,augment,export,evaluate,tune,corrupt,report,gradcam,runs,score,config,
+options}."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,7 @@ import sys
 
 import numpy as np
 
-from . import corrupt, data, files, gradcam, heldout, heldout_eval, runs
+from . import corrupt, data, files, gradcam, heldout, heldout_eval, leaderboard, runs
 from .config import (
     PROFILES,
     add_config_arguments,
@@ -178,6 +179,15 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    run, entry = leaderboard.record_score(args.zip, args.score, args.note, args.runs_dir, args.run)
+    held = runs.run_row(run)["heldout"]
+    print(f"recorded leaderboard score {entry['score']:.4f} for {args.zip} (sha256 {entry['zip_sha256'][:12]}...) "
+          f"in {os.path.join(run, leaderboard.LEADERBOARD)} (run found: {entry['found_by']}); the run's held-out "
+          f"figure: {'-' if held is None else f'{held:.4f}'}")
+    return 0
+
+
 def cmd_config(args) -> int:
     print(resolve_config(args).to_json())
     return 0
@@ -266,11 +276,19 @@ def main(argv=None) -> int:
     p = sub.add_parser("runs", help="table of all runs, newest first")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--sort", default="date", help="column to sort by: name, date, model, optimizer, notes, epochs, "
-                   "time, clean, heldout (held-out corrupted), in_dist (in-distribution corrupted; also: corrupted), "
-                   "f1, onnx_mb, projected, verdict")
+                   "time, clean, heldout (held-out corrupted), leaderboard (latest recorded score), in_dist "
+                   "(in-distribution corrupted; also: corrupted), f1, onnx_mb, projected, verdict")
     p.add_argument("--reverse", action="store_true", help="flip the order (numbers and dates sort largest first)")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("score", help="record the leaderboard score a submitted zip got, in the run it came from")
+    p.add_argument("zip", help="the zip you uploaded, e.g. dist/submission.zip")
+    p.add_argument("score", type=float, help="the score the leaderboard showed, as a fraction: 0.9312")
+    p.add_argument("--note", default="", help="a word about the submission, e.g. the phase or what changed")
+    p.add_argument("--run", help="the run folder, when the zip is in no zips.json and its model in no run")
+    p.add_argument("--runs-dir", default="runs", help="where to look for the run (default runs)")
+    p.set_defaults(func=cmd_score)
 
     sub.add_parser("corrupt", help="write a corrupted copy of an .npz: corrupt IN.npz OUT.npz [--seed S]; with "
                    "--heldout, a copy with the held-out corruptions, or --preview out.png to draw them")

@@ -7,12 +7,15 @@ import os
 import re
 import time
 
+from .leaderboard import latest_score
 from .registry import MODELS
 
 # (column, kind): kind says how it sorts and prints; numbers and dates sort descending, text ascending.
-# heldout: accuracy on corruptions no training setting reaches; in_dist: on the suite's, mostly seen in training.
+# heldout: accuracy on corruptions no training setting reaches; in_dist: on the suite's, mostly seen in training;
+# leaderboard: the latest score a zip of the run got (python -m trainer score), beside the figure that predicted it.
 COLUMNS = [("name", "text"), ("date", "date"), ("model", "text"), ("optimizer", "text"), ("notes", "text"),
-           ("epochs", "int"), ("time", "duration"), ("clean", "acc"), ("heldout", "acc"), ("in_dist", "acc"),
+           ("epochs", "int"), ("time", "duration"), ("clean", "acc"), ("heldout", "acc"), ("leaderboard", "acc"),
+           ("in_dist", "acc"),
            ("f1", "acc"), ("onnx_mb", "mb"), ("projected", "seconds"), ("verdict", "text")]
 KINDS = dict(COLUMNS)
 ALIASES = {"corrupted": "in_dist"}  # the in-distribution column's name before the held-out one came
@@ -103,6 +106,7 @@ def run_row(run_dir: str) -> dict:
         "time": metrics.get("train_seconds"),
         "clean": scored.get("accuracy"),
         "heldout": held.get("accuracy"),
+        "leaderboard": latest_score(run_dir),
         "in_dist": corrupted.get("accuracy"),
         "f1": scored.get("macro_f1"),
         "onnx_mb": onnx_mb(run_dir, metrics),
