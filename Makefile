@@ -23,8 +23,8 @@ ZIP ?=
 SCORE ?=
 NOTE ?=
 
-.PHONY: help setup train benchmark zip grader-check score test test-heavy runs augment evaluate tune options \
-	clean-venv
+.PHONY: help setup train benchmark zip grader-check score test test-heavy runs augment evaluate tune lofo \
+	options clean-venv
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /\1\t/' | expand -t 12
@@ -60,6 +60,9 @@ evaluate: $(STAMP)  ## score RUN (default submission/) on TEST (default DATA); A
 
 tune: $(STAMP)  ## short runs of augmentation candidates, clean and corrupted
 	$(PY) -m trainer tune --data $(DATA) $(if $(PROFILE),--profile $(PROFILE)) $(ARGS)
+
+lofo: $(STAMP)  ## leave one family out: short runs without each corruption family's augmentation
+	$(PY) -m trainer tune --leave-one-out --data $(DATA) $(if $(PROFILE),--profile $(PROFILE)) $(ARGS)
 
 runs: $(STAMP)  ## table of every run in runs/
 	$(PY) -m trainer runs $(ARGS)

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from . import corrupt, data, files, gradcam, heldout, heldout_eval, leaderboard, runs
+from . import corrupt, data, files, gradcam, heldout, heldout_eval, leaderboard, lofo, runs
 from .config import (
     PROFILES,
     add_config_arguments,
@@ -150,6 +150,19 @@ def cmd_tune(args) -> int:
     base = tune_config(args.profile or default_profile(), **given)
     for warning in validate(base, given):
         print(warning, file=sys.stderr, flush=True)
+    if args.leave_one_out:
+        if args.candidates:
+            raise ValueError("--leave-one-out trains the base recipe with one family dropped at a time, not the "
+                             "candidates; leave out --candidates (or --leave-one-out)")
+        families = args.families.split(",") if args.families else None
+        unknown = [f for f in families or [] if f not in heldout.FAMILIES]
+        if unknown:
+            raise ValueError(f"unknown famil{'y' if len(unknown) == 1 else 'ies'} {unknown} in --families; choose "
+                             f"from {','.join(heldout.FAMILIES)}")
+        lofo.leave_one_out(base, args.budget_min, families)
+        return 0
+    if args.families:
+        raise ValueError("--families goes with --leave-one-out; to pick candidates use --candidates")
     names = args.candidates.split(",") if args.candidates else None
     unknown = [n for n in names or [] if n not in CANDIDATES]
     if unknown:
@@ -260,6 +273,12 @@ def main(argv=None) -> int:
     p.add_argument("--resume", help=argparse.SUPPRESS)
     p.add_argument("--budget-min", type=float, default=60.0, help="start no candidate that would end past this")
     p.add_argument("--candidates", help="comma-separated names from trainer/tune.py (default: all, in order)")
+    p.add_argument("--leave-one-out", action="store_true",
+                   help="instead of the candidates: the base recipe whole, then once without each corruption "
+                        "family's augmentation (--drop-family), each scored on that family's held-out and "
+                        "in-distribution corruptions; writes lofo.json and lofo.md (docs/robustness.md)")
+    p.add_argument("--families", help="with --leave-one-out: comma-separated families to drop (default: all "
+                                      "seven)")
     add_config_arguments(p)
     p.set_defaults(func=cmd_tune)
 
