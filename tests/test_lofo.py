@@ -27,6 +27,7 @@ def test_table_reads_each_family_off_its_own_corruptions():
     blur_row, microscopy, noise = rows
     assert blur_row["heldout_full"] == pytest.approx(0.75) and blur_row["heldout_dropped"] == pytest.approx(0.55)
     assert blur_row["drop"] == pytest.approx(0.2)
+    assert blur_row["clean_full"] == 0.9 and blur_row["drop_vs_clean"] == pytest.approx(0.2)  # same clean
     assert blur_row["in_distribution_full"] == pytest.approx(0.7)  # severities 1-5, not the clean entry
     assert blur_row["in_distribution_dropped"] == pytest.approx(0.5)
     assert blur_row["heldout_corruptions"] == list(heldout.FAMILIES["blur"])
@@ -35,8 +36,12 @@ def test_table_reads_each_family_off_its_own_corruptions():
     assert microscopy["in_distribution_full"] is None
     assert noise["dropped_run"] == lofo.FULL  # trained by nothing in this base either
     text = lofo.markdown(rows, [lofo.run_row(lofo.FULL, full, 1.5)])
-    assert "| blur | 0.7500 | 0.5500 | +0.2000 | 0.7000 / 0.5000 | --blur |" in text
+    assert "| blur | 0.7500 | 0.5500 | +0.2000 | +0.2000 | 0.7000 / 0.5000 | --blur |" in text
     assert "| microscopy | 0.5000 | = full (nothing trains on it) |" in text
+    # A dropped run that is 0.1 better clean: its family figure gained 0.1 from that, not from the drop.
+    dropped["robustness"]["per_family"]["blur"][0] = 1.0
+    assert lofo.summarise({lofo.FULL: full, "drop-blur": dropped}, ["blur"], trained)[0]["drop_vs_clean"] == \
+        pytest.approx(0.3)
 
 
 def test_family_ops_of_the_cpu_profile_follow_the_declaration():
@@ -65,6 +70,18 @@ def test_leave_one_out_trains_full_then_each_trained_family_and_writes_the_table
     assert noise["drop"] == pytest.approx(noise["heldout_full"] - noise["heldout_dropped"])
     assert blur["dropped_run"] == microscopy["dropped_run"] == "full" and blur["drop"] == 0
     assert (folder / "lofo.md").read_text().strip() in capsys.readouterr().out
+    # The full run scored itself on every family, the dropped one only on noise, each on the same test images.
+    assert set(json.load(open(folder / "drop-noise" / "lofo_scores.json"))["heldout"]["per_corruption"]) == set(
+        heldout.FAMILIES["noise"])
+    assert json.load(open(folder / "full" / "metrics.json"))["heldout"]["per_corruption_images"] == 16
+
+    # The same command again goes on where it stopped: here nothing is left, so nothing trains.
+    assert lofo.leave_one_out(base, budget_min=30, families=["noise", "blur", "microscopy"]) == rows
+    out = capsys.readouterr().out
+    assert out.count("reusing the finished run") == 2
+    assert [r["minutes"] for r in json.load(open(folder / "lofo.json"))["runs"]] == [r["minutes"] for r in
+                                                                                    saved["runs"]]
+    assert "phase train" not in out
 
 
 def test_cli_refuses_mixed_or_unknown_choices(capsys):
