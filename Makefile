@@ -19,8 +19,12 @@ MARGIN ?= 0.5
 LEAN ?= 0
 SKIP_BENCHMARK ?= 0
 OUT ?=
+ZIP ?=
+SCORE ?=
+NOTE ?=
 
-.PHONY: help setup train benchmark zip grader-check test test-heavy runs augment evaluate tune options clean-venv
+.PHONY: help setup train benchmark zip grader-check score test test-heavy runs augment evaluate tune lofo \
+	options clean-venv
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /\1\t/' | expand -t 12
@@ -59,8 +63,14 @@ evaluate: $(STAMP)  ## score RUN (default submission/) on TEST (default DATA); A
 tune: $(STAMP)  ## short runs of augmentation candidates, clean and corrupted
 	$(PY) -m trainer tune --data $(DATA) $(if $(PROFILE),--profile $(PROFILE)) $(ARGS)
 
+lofo: $(STAMP)  ## leave one family out: short runs without each corruption family's augmentation
+	$(PY) -m trainer tune --leave-one-out --data $(DATA) $(if $(PROFILE),--profile $(PROFILE)) $(ARGS)
+
 runs: $(STAMP)  ## table of every run in runs/
 	$(PY) -m trainer runs $(ARGS)
+
+score: $(STAMP)  ## record a zip's leaderboard score in its run: make score SCORE=0.9312 [ZIP=...] [NOTE="..."]
+	$(PY) -m trainer score $(if $(ZIP),$(ZIP),dist/submission.zip) $(SCORE) $(if $(NOTE),--note "$(NOTE)") $(ARGS)
 
 test: $(STAMP)  ## ruff, then the test suite without the heavy checks (8-13 min on 2 cores)
 	$(PY) -m ruff check .

@@ -13,7 +13,7 @@ import zipfile
 
 import numpy as np
 
-from trainer.corrupt import corrupt_mix
+from trainer import corrupt, heldout
 from trainer.files import write_json
 from trainer.metrics import classification_metrics
 from trainer.registry import MODELS
@@ -25,6 +25,12 @@ MAX_IMAGES = 1000      # test images the grader run times and scores (a big mode
 TABLE_IMAGES = 256     # images each format row is timed on
 CHUNK = 32             # images per call in the TensorFlow rows (model.predict's default batch)
 ROW_SECONDS = 15.0     # a slow row stops after about this long: the stock ConvNeXt runs ~4 images/s here
+CORRUPT_SEED = 0       # seed of both corrupted copies of the test images
+# The corrupted copies the grader run also scores, after its timed part, in the order they are printed: the
+# held-out one leads, being the estimate of unseen damage (docs/robustness.md).
+COPIES = (("heldout", "held-out corrupted", "corruptions no training setting reaches", heldout.corrupt_mix),
+          ("in_distribution", "in-distribution corrupted", "the suite that training partly trains on",
+           corrupt.corrupt_mix))
 
 
 STARTED = time.time()
@@ -105,12 +111,17 @@ def file_mb(path: str) -> float:
 
 # ---- the grader-style run ----------------------------------------------------------------------------
 
-def grader_run(folder: str, images: np.ndarray, cpus: int, work: str, corrupted: np.ndarray | None = None,
+def grader_run(folder: str, images: np.ndarray, cpus: int, work: str, extras: dict | None = None,
                timeout: float = 3600) -> dict:
-    """model.py in a fresh process on `images`; timings, views, peak memory and the predicted labels."""
+    """model.py in a fresh process on `images`; timings, views, peak memory and the predicted labels.
+
+    extras: {key: images} predicted in the same process after the timed part, labels in result[f"{key}_labels"].
+    """
     os.makedirs(work)
-    arrays = {"images": images} if corrupted is None else {"images": images, "corrupted": corrupted}
-    np.savez(os.path.join(work, "images.npz"), **arrays)
+    extras = extras or {}
+    if "images" in extras:
+        raise ValueError("an extra array may not be called 'images': that is the timed one")
+    np.savez(os.path.join(work, "images.npz"), images=images, **extras)
     env = {**os.environ, "OMP_NUM_THREADS": str(cpus)}
     spawned = time.time()
     # cwd is an empty folder: a model.py that opens files relative to the working directory fails here,
@@ -130,8 +141,8 @@ def grader_run(folder: str, images: np.ndarray, cpus: int, work: str, corrupted:
     result["exit_s"] = max(0.0, ended - result["done"])
     result["wall_s"] = ended - spawned
     result["labels"] = np.load(os.path.join(work, "labels.npy"))
-    if corrupted is not None:
-        result["corrupted_labels"] = np.load(os.path.join(work, "corrupted_labels.npy"))
+    for key in extras:
+        result[f"{key}_labels"] = np.load(os.path.join(work, f"{key}_labels.npy"))
     # Steady time per image from the second call, with the views model.py chose in it. Start-up: everything that
     # N does not multiply, including what the first call took beyond its images' share, and the exit.
     result["per_image_s"] = result["rest_s"] / (result["n_images"] - result["first_n"])
@@ -301,7 +312,7 @@ def pin_cores(cpus: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(min(cpus, len(cores)))
 
 
-def describe_run(r: dict, labels: np.ndarray | None, corrupted: bool) -> dict:
+def describe_run(r: dict, labels: np.ndarray | None, copies=()) -> dict:
     """Print the grader run's timings, views and scores; return them for benchmark.json."""
     report = r["report"]
     log(f"  python start {r['python_start_s']:.2f} s, import {r['import_s']:.2f} s, Model() {r['load_s']:.2f} s, "
@@ -311,12 +322,14 @@ def describe_run(r: dict, labels: np.ndarray | None, corrupted: bool) -> dict:
     log(f"  model.py chose {r['views']} view(s) (tta_mode {report.get('tta_mode')}, {report.get('threads')} "
         f"threads, {report.get('provider')}); its own projection {report.get('projected_total_s', float('nan')):.0f} s")
     summary = {**scores(labels, r["labels"]), "views": r["views"], "peak_rss_mb": r["peak_rss_mb"]}
+    if labels is not None:
+        for key, label, meaning, _ in copies:  # the held-out copy first
+            dirty = scores(labels, r[f"{key}_labels"])
+            summary.update({f"{key}_accuracy": dirty["accuracy"], f"{key}_macro_f1": dirty["macro_f1"]})
+            log(f"  {label}: accuracy {dirty['accuracy']:.4f}, macro F1 {dirty['macro_f1']:.4f} ({meaning}; "
+                f"seed {CORRUPT_SEED})")
     if "accuracy" in summary:
         log(f"  clean: accuracy {summary['accuracy']:.4f}, macro F1 {summary['macro_f1']:.4f}")
-    if corrupted and labels is not None:
-        dirty = scores(labels, r["corrupted_labels"])
-        summary.update(corrupted_accuracy=dirty["accuracy"], corrupted_macro_f1=dirty["macro_f1"])
-        log(f"  corrupted: accuracy {dirty['accuracy']:.4f}, macro F1 {dirty['macro_f1']:.4f}")
     return summary
 
 
@@ -356,13 +369,15 @@ def benchmark(args) -> int:
             # model.py decides its TTA views from these numbers, so it must see the grader's.
             graded = variant(folder, os.path.join(tmp, "graded"), time_limit_s=args.limit,
                              safety_margin=args.margin, expected_test_size=n)
-            corrupted = None
-            if not args.quick and labels is not None:
-                stage("corrupting a copy of the test set (trainer.corrupt.corrupt_mix, seed 0) ...")
-                corrupted, _ = corrupt_mix(images, seed=0)
+            copies = COPIES if not args.quick and labels is not None else ()
+            extras = {}
+            for key, label, _, mix in copies:
+                stage(f"making the {label} copy of the test set ({mix.__module__}.corrupt_mix, seed "
+                      f"{CORRUPT_SEED}) ...")
+                extras[key], _ = mix(images, seed=CORRUPT_SEED)
             stage(f"grader run: model.py in a fresh process on {len(images)} images, {args.cpus} cores ...")
             # Stop a hung model.py; a run this long fails the grader's limit anyway.
-            r = grader_run(graded, images, args.cpus, os.path.join(tmp, "grader"), corrupted,
+            r = grader_run(graded, images, args.cpus, os.path.join(tmp, "grader"), extras,
                            timeout=max(args.limit, 600))
         except SubmissionError as err:
             log(str(err))
@@ -371,7 +386,9 @@ def benchmark(args) -> int:
             log(f"FAIL: the submission does not run: {str(err).splitlines()[0].rstrip(':')}")
             return 1
 
-        figures.update(describe_run(r, labels, corrupted is not None))
+        figures.update(describe_run(r, labels, copies))
+        if copies:
+            figures["corrupted_seed"] = CORRUPT_SEED
         projected = figures["projected_s"] = project(r["startup_s"], r["per_image_s"], n)
         figures["projection"] = {"startup_s": r["startup_s"], "per_image_s": r["per_image_s"], "views": r["views"],
                                  "n": n, "projected_s": projected}

@@ -16,7 +16,7 @@ import zipfile
 
 import numpy as np
 
-from trainer import files
+from trainer import files, leaderboard
 
 from . import grader
 
@@ -75,8 +75,9 @@ def sources(run: str | None) -> tuple[dict, dict]:
             "settings.json": settings_path}, settings
 
 
-def settings_with_sha(members: dict, settings: dict, model_file: str, work: str) -> None:
-    """Refuse a model file that settings.json was not written for; add the sha256 where an older run lacks it."""
+def settings_with_sha(members: dict, settings: dict, model_file: str, work: str) -> str:
+    """Refuse a model file that settings.json was not written for; add the sha256 where an older run lacks it.
+    Returns the model's sha256."""
     actual = files.sha256(members[model_file])
     expected = settings.get("model_sha256")
     if expected and expected != actual:
@@ -88,6 +89,24 @@ def settings_with_sha(members: dict, settings: dict, model_file: str, work: str)
         write_json(path, {**settings, "model_sha256": actual})
         members["settings.json"] = path
         log(f"note: settings.json had no model_sha256; the zip's copy carries {actual[:12]}...")
+    return actual
+
+
+def record_in_run(run: str | None, settings: dict, model_sha: str, zip_path: str, lean: bool) -> None:
+    """Note the zip's sha256 in its run's zips.json (RUN, else the run settings.json names), so that
+    `python -m trainer score` finds the run from the zip alone. Only a folder make train made (config.json) whose
+    model is the zip's."""
+    folder = find_run(run) if run else os.path.join(ROOT, "runs", settings["run"]) if settings.get("run") else None
+    if folder is None or not os.path.isfile(os.path.join(folder, "config.json")):
+        log(f"note: the zip is recorded in no run ({folder or 'settings.json names none'} is no run folder); "
+            f"python -m trainer score will look for the run by the zip's model")
+        return
+    if leaderboard.model_sha(folder) != model_sha:
+        log(f"note: the zip is recorded in no run: {folder}'s settings.json is not for the zip's model")
+        return
+    sha = leaderboard.record_zip(folder, zip_path, lean)
+    log(f"recorded: {folder}/{leaderboard.ZIPS} lists this zip (sha256 {sha[:12]}...); after uploading it, "
+        f"record its score with make score SCORE=0.xxxx")
 
 
 def check_onnx(path: str, input_name: str) -> None:
@@ -334,7 +353,7 @@ def pack(run: str | None, out: str, lean: bool, skip_benchmark: bool, cpus: int,
     work = tempfile.mkdtemp(prefix="pack_")
     tmp_zip = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{os.getpid()}.tmp")
     try:
-        settings_with_sha(members, settings, model_file, work)
+        model_sha = settings_with_sha(members, settings, model_file, work)
         write_zip(tmp_zip, members)
         size = os.path.getsize(tmp_zip)
         if size > max_mib * 2**20:
@@ -358,6 +377,7 @@ def pack(run: str | None, out: str, lean: bool, skip_benchmark: bool, cpus: int,
     log(runtime_table(rows, os.path.getsize(out), f"{cpus} cores, with model.py's views: {verdict}" if verdict
                       else ""))
     log(f"wrote {out}: {len(listing)} files ({', '.join(name for name, _ in listing)})")
+    record_in_run(run, settings, model_sha, out, lean)
     return listing
 
 

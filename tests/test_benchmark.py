@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from benchmark.bench import TABLE_IMAGES
+from trainer import corrupt, heldout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOLDOUT_IMAGES = 256
@@ -117,6 +118,69 @@ def test_generous_limit_passes_with_the_table(submission_dir, holdout, tiny_kera
     for row in figures["rows"]:
         assert row["img_per_s"] > 0 and row["projected_s"] > 0 and 0 <= row["accuracy"] <= 1, row
         assert row["images"] == min(TABLE_IMAGES, HOLDOUT_IMAGES), row
-    assert 0 <= figures["corrupted_accuracy"] <= 1 and figures["peak_rss_mb"] > 0
+    assert 0 <= figures["heldout_accuracy"] <= 1 and 0 <= figures["in_distribution_accuracy"] <= 1
+    assert figures["peak_rss_mb"] > 0
     for row in figures["rows"]:
         assert row["format"] in proc.stdout
+
+
+# Labels that are a fixed function of the pixels: every copy of the images gets its own, known accuracy, so a copy
+# scored under the other's name, or not scored at all, shows.
+PIXEL_MODEL = """
+import numpy as np
+
+class Model:
+    tta_report = {"views": 1, "tta_mode": "fixed"}
+
+    def predict(self, X):
+        return np.asarray(X, np.int64).sum(axis=(1, 2, 3)) // 97 % 8
+"""
+
+
+def pixel_labels(images: np.ndarray) -> np.ndarray:
+    return images.astype(np.int64).sum(axis=(1, 2, 3)) // 97 % 8
+
+
+def test_scores_the_held_out_copy_first_and_the_in_distribution_copy(holdout, tmp_path):
+    """benchmark.json holds the accuracy on heldout.corrupt_mix's copy and on corrupt.corrupt_mix's (seed 0), each
+    as the model scores that copy; the held-out line is printed first, both labelled."""
+    folder = tmp_path / "pixels"
+    folder.mkdir()
+    (folder / "model.py").write_text(PIXEL_MODEL)
+    (folder / "model.onnx").write_bytes(b"unused")
+    json.dump({"model_file": "model.onnx", "expected_test_size": 1000}, open(folder / "settings.json", "w"))
+    with np.load(holdout) as npz:
+        images, labels = npz["images"], npz["labels"]
+    expected = {key: float((pixel_labels(mix(images, seed=0)[0]) == labels).mean())
+                for key, mix in (("heldout", heldout.corrupt_mix), ("in_distribution", corrupt.corrupt_mix))}
+    expected["clean"] = float((pixel_labels(images) == labels).mean())
+    assert len(set(expected.values())) == 3, expected  # else a mix-up could pass unseen
+
+    out = tmp_path / "benchmark.json"
+    proc, figures = benchmark("--submission", folder, "--test", holdout, "--limit", 6000, "--json", out,
+                              figures_at=out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert figures["heldout_accuracy"] == pytest.approx(expected["heldout"])
+    assert figures["in_distribution_accuracy"] == pytest.approx(expected["in_distribution"])
+    assert figures["accuracy"] == pytest.approx(expected["clean"]) and figures["corrupted_seed"] == 0
+    assert "heldout_labels" not in figures["grader_run"]  # arrays stay out of the JSON
+    lines = proc.stdout.splitlines()
+    held = next(i for i, line in enumerate(lines) if line.strip().startswith("held-out corrupted: accuracy"))
+    in_dist = next(i for i, line in enumerate(lines) if line.strip().startswith("in-distribution corrupted: "))
+    assert held < in_dist, proc.stdout
+    assert "no training setting reaches" in lines[held] and "training partly trains on" in lines[in_dist]
+    assert f"{expected['heldout']:.4f}" in lines[held] and f"{expected['in_distribution']:.4f}" in lines[in_dist]
+
+
+def test_quick_check_scores_no_corrupted_copy(holdout, tmp_path):
+    """make zip's check (--quick) times the grader run only: no corrupted copy is made or scored."""
+    folder = tmp_path / "pixels"
+    folder.mkdir()
+    (folder / "model.py").write_text(PIXEL_MODEL)
+    (folder / "model.onnx").write_bytes(b"unused")
+    json.dump({"model_file": "model.onnx"}, open(folder / "settings.json", "w"))
+    out = tmp_path / "benchmark_quick.json"
+    proc, figures = benchmark("--submission", folder, "--test", holdout, "--quick", "--json", out, figures_at=out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "heldout_accuracy" not in figures and "in_distribution_accuracy" not in figures
+    assert "corrupted" not in proc.stdout

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import os
 import time
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 from trainer import corrupt, heldout, heldout_eval
-from trainer.config import PROFILES, Config, make_config
+from trainer.config import PROFILES, Config, make_config, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEW = [name for name in heldout.HELD_OUT if heldout.CORRUPTIONS[name].__module__ == "trainer.heldout"]
@@ -99,7 +100,7 @@ def every_flag_on() -> Config:
     values = {}
     for f in fields(Config):
         meta = f.metadata
-        if meta["off"] is not None:
+        if meta["off"] is not None:  # drop_family has none: it takes augmentation away
             values[f.name] = True if isinstance(f.default, bool) else meta["high"]
     return make_config("gpu", **values)
 
@@ -124,6 +125,105 @@ def test_training_ops_are_declared_and_none_is_held_out(config):
     if config == "every flag on":  # the declaration lists no op that training lacks
         stages = {"geometry", "make_randaugment", "colour", "blur", "erase", "mix"}
         assert {op.__name__ for op in ops} | stages == set(heldout.TRAINING_OPS)
+
+
+# ---- leave one family out: --drop-family -----------------------------------------------------------------
+
+OFF = {f.name: f.metadata["off"] for f in fields(Config)}
+
+
+def op_families(name: str) -> set:
+    """The families a training op produces, from the declaration (not from augment.py's own tables)."""
+    return heldout.families_of(heldout.TRAINING_OPS[name][0])
+
+
+def test_stage_flags_split_the_declared_stages_without_losing_a_flag_or_a_corruption():
+    listed = set()
+    for stage in ("geometry", "colour", "blur", "erase"):
+        kinds, flags = heldout.TRAINING_OPS[stage]
+        names = [flag[2:].replace("-", "_") for flag in flags.split()]
+        listed |= set(names)
+        assert set(kinds) == {kind for name in names for kind in heldout.STAGE_FLAGS[name]}, stage
+    assert listed == set(heldout.STAGE_FLAGS)
+    layers = {kind for kinds in heldout.RANDAUGMENT_LAYERS.values() for kind in kinds}
+    assert layers == set(heldout.TRAINING_OPS["make_randaugment"][0])
+
+
+@pytest.mark.parametrize("family", list(heldout.FAMILIES))
+def test_drop_family_leaves_no_training_op_of_that_family_and_every_other(family):
+    """Every augmentation at the top of its range, then --drop-family: no corruption-stage op, stage setting or
+    RandAugment transform that the declaration puts in the family is left, and all the others are."""
+    from trainer import augment
+    full = every_flag_on()
+    dropped = dataclasses.replace(full, drop_family=family)
+    validate(dropped)
+    every = [op_function(op).__name__ for op in augment.corruption_ops(full)]
+    kept = [op_function(op).__name__ for op in augment.corruption_ops(dropped)]
+    assert kept == [name for name in every if family not in op_families(name)]
+    runs_with = augment.without_dropped_family(dropped)
+    for name, kinds in heldout.STAGE_FLAGS.items():
+        assert getattr(full, name) != OFF[name], name
+        expected = OFF[name] if family in heldout.families_of(kinds) else getattr(full, name)
+        assert getattr(runs_with, name) == expected, name
+    others = {k: v for k, v in runs_with.to_dict().items() if k not in heldout.STAGE_FLAGS}
+    assert others == {k: v for k, v in dropped.to_dict().items() if k not in heldout.STAGE_FLAGS}
+    names = [type(layer).__name__ for layer in augment.make_randaugment(full).layers]
+    left = [type(layer).__name__ for layer in augment.make_randaugment(dropped).layers]
+    assert left == [n for n in names if family not in heldout.families_of(heldout.RANDAUGMENT_LAYERS[n])]
+    # Every family but microscopy, which no training op produces, loses something.
+    assert (kept != every or runs_with != dropped or left != names) == (family != "microscopy")
+
+
+@pytest.mark.parametrize("family", ["geometry", "colour", "noise", "blur", "occlusion"])
+def test_pipeline_with_only_a_dropped_familys_stages_on_leaves_images_as_they_are(family, few):
+    """The family's stage settings at the top of their range and nothing else: augment_batch changes every batch,
+    and with --drop-family it returns the images untouched."""
+    import tensorflow as tf
+
+    from trainer import augment
+    on = {name: getattr(every_flag_on(), name) for name, kinds in heldout.STAGE_FLAGS.items()
+          if family in heldout.families_of(kinds)}
+    cfg = make_config("cpu", **{**{k: v for k, v in OFF.items() if v is not None}, **on})
+    images = tf.constant(few, tf.float32)
+    tf.random.set_seed(0)
+    assert not np.array_equal(augment.augment_batch(images, cfg).numpy(), few)
+    untouched = augment.augment_batch(images, dataclasses.replace(cfg, drop_family=family)).numpy()
+    np.testing.assert_array_equal(untouched, few)
+
+
+def test_corruption_stage_skips_a_dropped_familys_ops_and_draws_the_others_as_often(monkeypatch, real_slice):
+    """A dropped op keeps its slot in the draw: each other op corrupts the same images as without the drop."""
+    import tensorflow as tf
+
+    from trainer import augment
+    picked = {}
+
+    def recording(name):
+        def op(x, strength):
+            picked[name] = picked.get(name, 0) + int(x.shape[0])
+            return x
+        op.__name__ = name
+        return op
+    monkeypatch.setattr(augment, "CORRUPTION_OPS", tuple(recording(op.__name__) for op in augment.CORRUPTION_OPS))
+    cfg = make_config("cpu", corrupt=1.0, corrupt_ops=3, corrupt_jpeg=False, corrupt_zoom=0.0, corrupt_blur=0.0)
+    images = tf.constant(real_slice[0][:256], tf.float32)
+    counts = {}
+    for drop in ("", "noise"):
+        picked.clear()
+        tf.random.set_seed(3)
+        augment.corrupt(images, dataclasses.replace(cfg, drop_family=drop))
+        counts[drop] = dict(picked)
+    assert set(counts[""]) - set(counts["noise"]) == {"_gaussian_noise", "_salt_pepper"}
+    assert counts["noise"] == {k: v for k, v in counts[""].items() if k in counts["noise"]}
+    assert sum(counts[""].values()) > 256  # 1-3 ops an image: the counts are of real picks
+
+
+def test_drop_family_takes_only_a_family_name():
+    for value in ("", *heldout.FAMILIES):
+        validate(make_config("cpu", drop_family=value))
+    with pytest.raises(ValueError, match="--drop-family is 'colours'; choose one of noise, blur, colour"):
+        validate(make_config("cpu", drop_family="colours"))
+    assert set(heldout.FAMILIES) == set(corrupt.FAMILIES) | {"microscopy"}  # both suites' families
 
 
 # ---- what training code can reach, read from the source -------------------------------------------------

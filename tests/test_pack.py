@@ -144,6 +144,30 @@ def test_time_limit_check_passes_and_refuses(submission_dir, data_path, tmp_path
     assert "ok: time-limit check passed" in done.stdout and names(previous) == LEAN
 
 
+def test_the_zip_is_recorded_in_its_run_for_trainer_score(submission_dir, data_path, tmp_path, capsys):
+    """make zip notes the zip's sha256 in the run's zips.json, where python -m trainer score finds the run; a
+    folder that make train did not make (no config.json) gets no record."""
+    from benchmark.pack import record_in_run
+    from trainer import leaderboard
+    run = run_folder(submission_dir, tmp_path / "runs" / "alpha")
+    (run / "config.json").write_text(json.dumps({"model": "vanilla_cnn"}))
+    out = tmp_path / "submission.zip"
+    done = pack("--run", run, "--skip-benchmark", "--lean", "--out", out, data=data_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    zips = json.loads((run / "zips.json").read_text())["zips"]
+    assert [z["zip_sha256"] for z in zips] == [hashlib.sha256(out.read_bytes()).hexdigest()] and zips[0]["lean"]
+    assert f"recorded: {run}/zips.json" in done.stdout
+    assert leaderboard.find_run(str(out), str(tmp_path / "runs")) == (str(run), "zips.json lists the zip's sha256")
+
+    settings = json.loads((submission_dir / "settings.json").read_text())
+    record_in_run(str(submission_dir), settings, settings["model_sha256"], str(out), True)
+    assert not (submission_dir / "zips.json").exists() and "recorded in no run" in capsys.readouterr().out
+    (run / "settings.json").write_text(json.dumps({**settings, "model_sha256": "ab" * 32}))
+    record_in_run(str(run), settings, settings["model_sha256"], str(out), True)  # the run holds another model
+    assert len(json.loads((run / "zips.json").read_text())["zips"]) == 1
+    assert "not for the zip's model" in capsys.readouterr().out
+
+
 # ---- the default zip on graders without onnxruntime ---------------------------------------------------------
 
 @pytest.fixture(scope="module")

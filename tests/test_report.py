@@ -198,7 +198,7 @@ def test_make_runs_lists_both_runs_with_their_figures(runs_dir):
     assert [line.split()[0] for line in body] == ["beta", "alpha"], "newest first"
     alpha, beta = body[1], body[0]
     a, b = (json.load(open(runs_dir / n / "metrics.json")) for n in ("alpha", "beta"))
-    assert lines[0].split()[7:11] == ["clean", "heldout", "mmc", "in_dist"]
+    assert lines[0].split()[7:12] == ["clean", "heldout", "leaderboard", "mmc", "in_dist"]
     for figure in (f"{a['test']['accuracy']:.4f}", f"{a['robustness']['corrupted']['accuracy']:.4f}",
                    f"{a['heldout']['corrupted']['accuracy']:.4f}", f"{a['medmnist_c']['overall']:.4f}",
                    f"{a['test']['macro_f1']:.4f}", f"{a['export']['bytes'] / 1e6:.1f}", "PASS", "62s",

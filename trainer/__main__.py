@@ -1,4 +1,5 @@
-"""Command line: python -m trainer {train,augment,export,evaluate,tune,corrupt,report,gradcam,runs,config,options}."""
+"""Command line: python -m trainer {train,augment,export,evaluate,tune,corrupt,report,gradcam,runs,score,config,
+options}."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,7 @@ import sys
 
 import numpy as np
 
-from . import corrupt, data, files, gradcam, heldout, heldout_eval, medmnist_c_eval, runs
+from . import corrupt, data, files, gradcam, heldout, heldout_eval, leaderboard, lofo, medmnist_c_eval, runs
 from .config import (
     PROFILES,
     add_config_arguments,
@@ -174,6 +175,19 @@ def cmd_tune(args) -> int:
     base = tune_config(args.profile or default_profile(), **given)
     for warning in validate(base, given):
         print(warning, file=sys.stderr, flush=True)
+    if args.leave_one_out:
+        if args.candidates:
+            raise ValueError("--leave-one-out trains the base recipe with one family dropped at a time, not the "
+                             "candidates; leave out --candidates (or --leave-one-out)")
+        families = args.families.split(",") if args.families else None
+        unknown = [f for f in families or [] if f not in heldout.FAMILIES]
+        if unknown:
+            raise ValueError(f"unknown famil{'y' if len(unknown) == 1 else 'ies'} {unknown} in --families; choose "
+                             f"from {','.join(heldout.FAMILIES)}")
+        lofo.leave_one_out(base, args.budget_min, families)
+        return 0
+    if args.families:
+        raise ValueError("--families goes with --leave-one-out; to pick candidates use --candidates")
     names = args.candidates.split(",") if args.candidates else None
     unknown = [n for n in names or [] if n not in CANDIDATES]
     if unknown:
@@ -200,6 +214,15 @@ def cmd_gradcam(args) -> int:
 
 def cmd_runs(args) -> int:
     print(runs.runs_table(args.runs_dir, args.sort, args.markdown, args.reverse))
+    return 0
+
+
+def cmd_score(args) -> int:
+    run, entry = leaderboard.record_score(args.zip, args.score, args.note, args.runs_dir, args.run)
+    held = runs.run_row(run)["heldout"]
+    print(f"recorded leaderboard score {entry['score']:.4f} for {args.zip} (sha256 {entry['zip_sha256'][:12]}...) "
+          f"in {os.path.join(run, leaderboard.LEADERBOARD)} (run found: {entry['found_by']}); the run's held-out "
+          f"figure: {'-' if held is None else f'{held:.4f}'}")
     return 0
 
 
@@ -282,6 +305,12 @@ def main(argv=None) -> int:
     p.add_argument("--resume", help=argparse.SUPPRESS)
     p.add_argument("--budget-min", type=float, default=60.0, help="start no candidate that would end past this")
     p.add_argument("--candidates", help="comma-separated names from trainer/tune.py (default: all, in order)")
+    p.add_argument("--leave-one-out", action="store_true",
+                   help="instead of the candidates: the base recipe whole, then once without each corruption "
+                        "family's augmentation (--drop-family), each scored on that family's held-out and "
+                        "in-distribution corruptions; writes lofo.json and lofo.md (docs/robustness.md)")
+    p.add_argument("--families", help="with --leave-one-out: comma-separated families to drop (default: all "
+                                      "seven)")
     add_config_arguments(p)
     p.set_defaults(func=cmd_tune)
 
@@ -298,11 +327,19 @@ def main(argv=None) -> int:
     p = sub.add_parser("runs", help="table of all runs, newest first")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--sort", default="date", help="column to sort by: name, date, model, optimizer, notes, epochs, "
-                   "time, clean, heldout (held-out corrupted), mmc (MedMNIST-C), in_dist (in-distribution "
-                   "corrupted; also: corrupted), f1, onnx_mb, projected, verdict")
+                   "time, clean, heldout (held-out corrupted), leaderboard (latest recorded score), mmc (MedMNIST-C), "
+                   "in_dist (in-distribution corrupted; also: corrupted), f1, onnx_mb, projected, verdict")
     p.add_argument("--reverse", action="store_true", help="flip the order (numbers and dates sort largest first)")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("score", help="record the leaderboard score a submitted zip got, in the run it came from")
+    p.add_argument("zip", help="the zip you uploaded, e.g. dist/submission.zip")
+    p.add_argument("score", type=float, help="the score the leaderboard showed, as a fraction: 0.9312")
+    p.add_argument("--note", default="", help="a word about the submission, e.g. the phase or what changed")
+    p.add_argument("--run", help="the run folder, when the zip is in no zips.json and its model in no run")
+    p.add_argument("--runs-dir", default="runs", help="where to look for the run (default runs)")
+    p.set_defaults(func=cmd_score)
 
     sub.add_parser("corrupt", help="write a corrupted copy of an .npz: corrupt IN.npz OUT.npz [--seed S]; with "
                    "--heldout, a copy with the held-out corruptions, or --preview out.png to draw them")

@@ -1,6 +1,7 @@
 """tf.data input pipelines: geometry, RandAugment, colour, blur, erasing, corruptions, then MixUp/CutMix."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -300,11 +301,41 @@ def _blur(x, s, max_sigma=2.5):
 CORRUPTION_OPS = (_gaussian_noise, _salt_pepper, _brightness, _contrast, _saturation, _hue, _gamma,
                   _channel_swap, _pixelate, _grid_mask, _patches)
 
+# --drop-family: the corruption family of each corruption-stage op and of each stage's settings, as the suite
+# corruptions they produce put them (trainer/heldout.py declares those; tests/test_heldout.py checks that these
+# tables agree with it). Settings shared by families (the stage's chance, count and strength) stay as they are.
+OP_FAMILY = {"_gaussian_noise": "noise", "_salt_pepper": "noise", "_brightness": "colour", "_contrast": "colour",
+             "_saturation": "colour", "_hue": "colour", "_gamma": "colour", "_channel_swap": "colour",
+             "_pixelate": "compression", "_jpeg": "compression", "_grid_mask": "occlusion", "_patches": "occlusion",
+             "_zoom": "geometry", "_blur": "blur"}
+FAMILY_FIELDS = {"geometry": ("flip", "rot90", "rotation", "zoom", "shift", "shear", "black_fill"),
+                 "colour": ("contrast", "brightness", "saturation", "hue"), "noise": ("noise_std",),
+                 "blur": ("blur",), "occlusion": ("erase",)}
+RANDAUGMENT_GEOMETRY = ("RandomShear", "RandomTranslation")  # the rest of its transforms change colour
+RANDAUGMENT_STDDEV = 0.15  # keras-cv RandAugment's default magnitude_stddev, which make_randaugment keeps
 
-def corruption_ops(cfg: Config) -> tuple:
+
+def op_name(op) -> str:
+    return (op.func if isinstance(op, functools.partial) else op).__name__
+
+
+def _corruption_slots(cfg: Config) -> tuple:
+    """Every corruption-stage op the config switches on, a dropped family's too: the draw picks among these."""
     zoom = (functools.partial(_zoom, max_zoom=cfg.corrupt_zoom),) if cfg.corrupt_zoom > 0 else ()
     strong_blur = (functools.partial(_blur, max_sigma=cfg.corrupt_blur),) if cfg.corrupt_blur > 0 else ()
     return CORRUPTION_OPS + ((_jpeg,) if cfg.corrupt_jpeg else ()) + zoom + strong_blur
+
+
+def corruption_ops(cfg: Config) -> tuple:
+    """The corruption-stage ops an image can get: those the config switches on, less cfg.drop_family's."""
+    return tuple(op for op in _corruption_slots(cfg) if OP_FAMILY[op_name(op)] != cfg.drop_family)
+
+
+def without_dropped_family(cfg: Config) -> Config:
+    """cfg with the stage settings of cfg.drop_family at their off values (the colour stage's noise belongs to
+    noise, not colour); the same cfg when it drops none."""
+    off = {f.name: f.metadata["off"] for f in dataclasses.fields(Config)}
+    return dataclasses.replace(cfg, **{name: off[name] for name in FAMILY_FIELDS.get(cfg.drop_family, ())})
 
 
 def corrupt(images: tf.Tensor, cfg: Config) -> tf.Tensor:
@@ -314,14 +345,18 @@ def corrupt(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     cfg.corrupt_zoom and its Gaussian blur with cfg.corrupt_blur. Shot noise and motion/defocus blur stay out, and
     JPEG too unless cfg.corrupt_jpeg, so the suite also measures corruptions the model never trained on.
     """
-    ops = corruption_ops(cfg)
+    slots = _corruption_slots(cfg)
     batch = tf.shape(images)[0]
-    n_ops = len(ops)
+    n_ops = len(slots)
     chosen = tf.random.uniform([batch]) < cfg.corrupt
     k = tf.random.uniform([batch], 1, cfg.corrupt_ops + 1, tf.int32)
     scores = tf.random.uniform([batch, n_ops])
     kth = tf.gather(tf.sort(scores, axis=1), k - 1, axis=1, batch_dims=1)  # the k lowest scores pick the ops
-    for j, op in enumerate(ops):
+    for j, op in enumerate(slots):
+        # A dropped family's op keeps its slot and does nothing there, so every other op is picked as often as
+        # without the drop: leaving a family out changes only what that family's ops did.
+        if OP_FAMILY[op_name(op)] == cfg.drop_family:
+            continue
         rows = tf.where(chosen & (scores[:, j] <= kth))  # (m, 1): only these images pay for the op
         picked = tf.gather_nd(images, rows)
         strength = tf.random.uniform([tf.shape(rows)[0], 1, 1, 1]) * cfg.corrupt_strength
@@ -375,15 +410,22 @@ def make_randaugment(cfg: Config):
     policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
     try:
+        if cfg.drop_family == "colour":  # its shear and translation alone, drawn as RandAugment draws
+            layers = [layer for layer in keras_cv.layers.RandAugment.get_standard_policy(
+                (0, 255), cfg.randaugment_magnitude, RANDAUGMENT_STDDEV, geometric=True, seed=cfg.seed)
+                if type(layer).__name__ in RANDAUGMENT_GEOMETRY]
+            return keras_cv.layers.RandomAugmentationPipeline(layers, cfg.randaugment_layers,
+                                                              rate=cfg.randaugment_rate, seed=cfg.seed)
         return keras_cv.layers.RandAugment(value_range=(0, 255), augmentations_per_image=cfg.randaugment_layers,
                                            magnitude=cfg.randaugment_magnitude, rate=cfg.randaugment_rate,
-                                           seed=cfg.seed)
+                                           geometric=cfg.drop_family != "geometry", seed=cfg.seed)
     finally:
         keras.mixed_precision.set_global_policy(policy)
 
 
 def augment_batch(images: tf.Tensor, cfg: Config, randaugment=None) -> tf.Tensor:
-    """All per-image augmentation of one float batch, stage 1 then stage 2."""
+    """All per-image augmentation of one float batch, stage 1 then stage 2 (less cfg.drop_family's)."""
+    cfg = without_dropped_family(cfg)
     images = geometry(images, cfg)
     if randaugment is not None:
         images = randaugment(images, training=True)

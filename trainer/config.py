@@ -15,6 +15,9 @@ RUN, LOADING, SPLIT = "run", "data: loading and cleaning", "data: split and bala
 GEOMETRY, TRANSFORMS = "augmentation: stage 1, fixed geometry", "augmentation: stage 2, random transforms"
 MODEL, TRAINING, EVALUATION, EXPORT = "model", "training", "evaluation", "export and submission settings"
 GROUPS = (RUN, LOADING, SPLIT, GEOMETRY, TRANSFORMS, MODEL, TRAINING, EVALUATION, EXPORT)
+# The corruption families of both suites: trainer/corrupt.py's six, and microscopy, which only trainer/heldout.py
+# has. heldout.FAMILIES follows this order; --drop-family takes one of them.
+CORRUPTION_FAMILIES = ("noise", "blur", "colour", "geometry", "compression", "occlusion", "microscopy")
 
 
 def option(default, help: str, group: str, *, choices=None, low=None, high=None, resume: bool = False,
@@ -99,6 +102,10 @@ class Config:
                                 off=0.0)
     cutmix_alpha: float = option(0.0, "CutMix Beta(alpha, alpha) patch mixing; 0 = off", TRANSFORMS, low=0.0,
                                  high=10.0, off=0.0)
+    drop_family: str = option("", "leave-one-family-out: switch off every augmentation that produces this corruption "
+                              "family's kinds (the corruption stage skips its ops, the other ops are drawn as "
+                              "often); empty = keep all. See python -m trainer tune --leave-one-out", TRANSFORMS,
+                              choices=("",) + CORRUPTION_FAMILIES)
 
     # model
     model: str = option("vanilla_cnn", "classifier from the registry (trainer/registry.py)", MODEL,
@@ -240,6 +247,9 @@ def validate(cfg: Config, given=()) -> list[str]:
                 raise ValueError(f"unknown optimizer {value!r}; choose one of {choices}")
             if f.name == "schedule":
                 raise ValueError(f"unknown schedule {value!r}; choose plateau or cosine")
+            if f.name == "drop_family":
+                raise ValueError(f"--drop-family is {value!r}; choose one of {', '.join(CORRUPTION_FAMILIES)}, or "
+                                 "leave it empty to train on every family")
             if f.name == "first_block_convs":
                 raise ValueError(f"first_block_convs is {value}; use 2 (the full block) or 1 (one convolution "
                                  "less at 48x48, about 1.2x faster epochs: the cpu profile's choice)")
@@ -292,8 +302,8 @@ def _parse_bool(text: str) -> bool:
 
 def _span(meta) -> str:
     """A field's choices ("1, 2") or inclusive range ("0.0 .. 0.95", "1 .. "), or "" when it has neither."""
-    if meta["choices"] is not None:
-        return ", ".join(map(str, meta["choices"]))
+    if meta["choices"] is not None:  # an empty choice shows as '' (drop_family: none)
+        return ", ".join("''" if choice == "" else str(choice) for choice in meta["choices"])
     if meta["low"] is None and meta["high"] is None:
         return ""
     return f"{'' if meta['low'] is None else meta['low']} .. {'' if meta['high'] is None else meta['high']}"

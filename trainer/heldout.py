@@ -5,6 +5,7 @@ import argparse
 import numpy as np
 
 from . import corrupt
+from .config import CORRUPTION_FAMILIES
 from .corrupt import _check_images, _param, _signs, _to_uint8
 
 # ---------------------------------------------------------------- the declared split
@@ -15,7 +16,8 @@ from .corrupt import _check_images, _param, _signs, _to_uint8
 # keras-cv's standard policy: auto-contrast, equalise, solarise, colour degeneration, contrast, brightness,
 # shear and translation.
 TRAINING_OPS = {
-    "geometry": (("rotate", "flip", "zoom", "shift", "shear"), "--flip --rot90 --rotation --zoom --shift --shear"),
+    "geometry": (("rotate", "flip", "zoom", "shift", "shear"),
+                 "--flip --rot90 --rotation --zoom --shift --shear --black-fill"),
     "make_randaugment": (("brightness", "contrast", "saturation", "shear", "shift"), "--randaugment"),
     "colour": (("contrast", "brightness", "saturation", "hue", "gaussian_noise"),
                "--contrast --brightness --saturation --hue --noise-std"),
@@ -40,6 +42,25 @@ TRAINING_OPS = {
 # The suite's corruptions that some profile or flag trains on: their scores are in-distribution.
 SEEN_IN_TRAINING = tuple(name for name in corrupt.CORRUPTIONS
                          if any(name in kinds for kinds, _ in TRAINING_OPS.values()))
+# The stages that mix families, flag by flag or (RandAugment) transform by transform, each with the suite
+# corruptions it produces: --drop-family switches off only the part of a stage that belongs to the family.
+# black_fill gives the black border the suite's rotate, zoom, shift and shear leave (corrupt._warp).
+STAGE_FLAGS = {
+    "flip": ("flip",), "rot90": ("flip",), "rotation": ("rotate",), "zoom": ("zoom",), "shift": ("shift",),
+    "shear": ("shear",), "black_fill": ("rotate", "zoom", "shift", "shear"),
+    "contrast": ("contrast",), "brightness": ("brightness",), "saturation": ("saturation",), "hue": ("hue",),
+    "noise_std": ("gaussian_noise",), "blur": ("gaussian_blur",), "erase": ("patches",),
+}
+RANDAUGMENT_LAYERS = {  # keras-cv class: what it does to a cell, as the suite names it
+    "AutoContrast": ("contrast",), "Equalization": ("contrast",), "Solarization": ("brightness",),
+    "RandomColorDegeneration": ("saturation",), "RandomContrast": ("contrast",),
+    "RandomBrightness": ("brightness",), "RandomShear": ("shear",), "RandomTranslation": ("shift",),
+}
+
+
+def families_of(kinds) -> set:
+    """The corruption families that these suite corruptions belong to."""
+    return {corrupt.FAMILY_OF[kind] for kind in kinds}
 
 # ---------------------------------------------------------------- parameters per severity 1..5
 # As in trainer/corrupt.py: 3 should stay readable for an expert, 5 only barely. Lengths are for 96 px images
@@ -442,8 +463,7 @@ REGISTRY = (
 HELD_OUT = tuple(name for name, _, _ in REGISTRY)
 CORRUPTIONS = {name: function for name, _, function in REGISTRY}
 FAMILY_OF = {name: family for name, family, _ in REGISTRY}
-FAMILIES = {family: tuple(name for name in HELD_OUT if FAMILY_OF[name] == family)
-            for family in ("noise", "blur", "colour", "geometry", "compression", "occlusion", "microscopy")}
+FAMILIES = {family: tuple(name for name in HELD_OUT if FAMILY_OF[name] == family) for family in CORRUPTION_FAMILIES}
 
 
 def apply(images, name, severity, rng):

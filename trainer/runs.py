@@ -7,13 +7,16 @@ import os
 import re
 import time
 
+from .leaderboard import latest_score
 from .registry import MODELS
 
 # (column, kind): kind says how it sorts and prints; numbers and dates sort descending, text ascending.
-# heldout: accuracy on corruptions no training setting reaches; mmc: the mean over MedMNIST-C's 11 bloodmnist
+# heldout: accuracy on corruptions no training setting reaches; leaderboard: the latest score a zip of the run got
+# (python -m trainer score), beside the figure that predicted it; mmc: the mean over MedMNIST-C's 11 bloodmnist
 # corruptions (an external reference); in_dist: on the suite's, mostly seen in training.
 COLUMNS = [("name", "text"), ("date", "date"), ("model", "text"), ("optimizer", "text"), ("notes", "text"),
-           ("epochs", "int"), ("time", "duration"), ("clean", "acc"), ("heldout", "acc"), ("mmc", "acc"),
+           ("epochs", "int"), ("time", "duration"), ("clean", "acc"), ("heldout", "acc"), ("leaderboard", "acc"),
+           ("mmc", "acc"),
            ("in_dist", "acc"),
            ("f1", "acc"), ("onnx_mb", "mb"), ("projected", "seconds"), ("verdict", "text")]
 KINDS = dict(COLUMNS)
@@ -105,6 +108,7 @@ def run_row(run_dir: str) -> dict:
         "time": metrics.get("train_seconds"),
         "clean": scored.get("accuracy"),
         "heldout": held.get("accuracy"),
+        "leaderboard": latest_score(run_dir),
         "mmc": (metrics.get("medmnist_c") or {}).get("overall"),
         "in_dist": corrupted.get("accuracy"),
         "f1": scored.get("macro_f1"),
