@@ -267,20 +267,19 @@ def test_pipeline_stays_float32_under_bfloat16_training(real_slice):
 
 
 def test_consistency_batches_hold_two_views_of_the_same_images(real_slice):
-    # flips and noise only: the views differ, and each keeps its cell's colour means
-    cfg = make_config("smoke", batch_size=16, consistency=12.0, randaugment=False, rotation=0.0, shift=0.0, zoom=0.0,
-                      contrast=0.0, brightness=0.0, saturation=0.0, noise_std=20.0, blur=0.0, erase=0.0, corrupt=0.0)
+    # noise only, no geometry: each view is its cell plus its own noise, so it matches its pair pixel by pixel
+    cfg = make_config("smoke", batch_size=16, consistency=12.0, randaugment=False, flip=False, rot90=False,
+                      rotation=0.0, shift=0.0, zoom=0.0, contrast=0.0, brightness=0.0, saturation=0.0,
+                      noise_std=10.0, blur=0.0, erase=0.0, corrupt=0.0, black_fill=0.0)
     ds = augment.train_dataset(real_slice[0][:64], real_slice[1][:64], cfg)
     x, y = next(iter(ds))
     assert x.shape == (16, 96, 96, 3) and y.shape == (16, 8)
-    first, second = x[:8].numpy(), x[8:].numpy()
+    first, second = x[:8].numpy().reshape(8, -1), x[8:].numpy().reshape(8, -1)
     np.testing.assert_array_equal(y[:8].numpy(), y[8:].numpy())
     assert np.abs(first - second).mean() > 1.0, "the two views should be augmented independently"
-    # each second view is its first view's cell: its colour means are much closer to it than to the other cells
-    means = np.concatenate([first, second]).mean(axis=(1, 2))
-    own = np.linalg.norm(means[:8] - means[8:], axis=1)
-    others = np.linalg.norm(means[:8, None] - means[None, 8:], axis=2)
-    assert (own <= others.min(axis=1) + 1e-3).all()
+    corr = np.corrcoef(first, second)[:8, 8:]  # rows: first views, columns: second views
+    assert (corr.argmax(axis=1) == np.arange(8)).all(), corr
+    assert corr.diagonal().min() > 0.8
 
 
 def test_consistency_refuses_mixing_and_odd_batches():

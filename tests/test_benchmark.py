@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from benchmark.bench import TABLE_IMAGES
+from benchmark.bench import CHUNK, TABLE_IMAGES
 from trainer import corrupt, heldout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,7 +117,10 @@ def test_generous_limit_passes_with_the_table(submission_dir, holdout, tiny_kera
     assert formats[3].startswith("onnxruntime (model.py, TTA "), formats
     for row in figures["rows"]:
         assert row["img_per_s"] > 0 and row["projected_s"] > 0 and 0 <= row["accuracy"] <= 1, row
-        assert row["images"] == min(TABLE_IMAGES, HOLDOUT_IMAGES), row
+        if row["format"].startswith("onnxruntime"):
+            assert row["images"] == min(TABLE_IMAGES, HOLDOUT_IMAGES), row
+        else:  # TensorFlow's rows stop after about ROW_SECONDS, so on a busy machine they time fewer images
+            assert CHUNK <= row["images"] <= min(TABLE_IMAGES, HOLDOUT_IMAGES), row
     assert 0 <= figures["heldout_accuracy"] <= 1 and 0 <= figures["in_distribution_accuracy"] <= 1
     assert figures["peak_rss_mb"] > 0
     for row in figures["rows"]:
