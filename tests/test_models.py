@@ -169,3 +169,22 @@ def test_channel_norm_exports_and_runs_in_onnx_runtime(tmp_path, real_slice):
     onnx_out = session.run(None, {session.get_inputs()[0].name: x})[0]
     np.testing.assert_allclose(onnx_out, model.predict(x, verbose=0), atol=1e-4)
     assert info["sha256"]
+
+
+def test_robust_norm_divides_out_a_lamp_colour_and_ignores_a_blot(real_slice):
+    from trainer.models import ChannelNorm
+    cells = real_slice[0][:8].astype(np.float32)
+    model = build_model(make_config("smoke", input_norm="robust", seed=3))
+    assert isinstance(model.layers[1], ChannelNorm) and model.layers[1].robust
+    robust, plain = ChannelNorm(robust=True), ChannelNorm()
+    lamp = cells * np.array([0.9, 0.8, 0.7], np.float32)  # a gain per channel, as a white balance is
+    # not exact: which pixels count as background moves with the gain, and so a little of the gain stays
+    moved = np.abs(robust(cells).numpy() - robust(lamp).numpy()).mean()
+    assert moved < 0.3 * np.abs(cells - lamp).mean(), (moved, np.abs(cells - lamp).mean())
+    blotted = cells.copy()
+    blotted[:, 30:60, 30:60] = 0.0  # ink over the middle of the cell
+    outside = np.ones((96, 96), bool)
+    outside[30:60, 30:60] = False
+    moved = {name: np.abs(norm(cells).numpy() - norm(blotted).numpy())[:, outside].mean()
+             for name, norm in (("robust", robust), ("plain", plain))}
+    assert moved["robust"] < 2.0 and moved["plain"] > 5 * moved["robust"], moved

@@ -120,8 +120,9 @@ class Config:
     width: int = option(32, "vanilla_cnn: filters of the first block (doubling per block)", MODEL, low=4, high=256)
     input_norm: str = option("none", "normalise each image's colours inside the model (also in model.onnx): none; "
                              "channel = each colour channel of each image to a fixed mean and spread, so a "
-                             "colour cast, a brightness or a contrast change cannot reach the layers after it",
-                             MODEL, choices=("none", "channel"))
+                             "colour cast, a brightness or a contrast change cannot reach the layers after it; "
+                             "robust = the same with near-black and near-white pixels (ink, bubbles) left out of "
+                             "the statistics", MODEL, choices=("none", "channel", "robust"))
     first_block_convs: int = option(2, "vanilla_cnn: convolutions at 48x48 (1 or 2); 1 = about 1.2x faster epochs",
                                     MODEL, choices=(1, 2))
 

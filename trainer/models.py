@@ -48,14 +48,28 @@ class ChannelNorm(layers.Layer):
     """Each channel of each image to mean 128 and standard deviation 64: the pixel scale the backbones expect,
     with a per-image colour gain, offset or contrast factor divided out (up to clipping at 0 and 255)."""
 
+    def __init__(self, robust: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.robust = robust
+
     def call(self, x):
         # Means of rows, then of those: sums of 96 values, not 9,216, so float32 rounds alike in Keras and in any
         # ONNX runtime (one long sum put 1e-4 between their probabilities, over the export's parity limit).
         def mean(v):
             return keras.ops.mean(keras.ops.mean(v, axis=2, keepdims=True), axis=1, keepdims=True)
-        centred = x - mean(x - 128.0) - 128.0
-        std = keras.ops.sqrt(mean(centred * centred) + 1.0)
-        return centred / std * 64.0 + 128.0
+        if not self.robust:
+            centred = x - mean(x - 128.0) - 128.0
+            return centred / keras.ops.sqrt(mean(centred * centred) + 1.0) * 64.0 + 128.0
+        # robust: a gain per channel that brings the smear's background (the bright pixels, not clipped white)
+        # to one neutral grey. A lamp's colour or a white balance is a gain, so it divides out; ink, dust or a
+        # bubble over the cell leaves the background, and so the gain, nearly as it was.
+        grey = keras.ops.mean(x, axis=-1, keepdims=True)
+        weight = keras.ops.clip((grey - 120.0) / 40.0, 0.0, 1.0) * keras.ops.clip((250.0 - grey) / 10.0, 0.0, 1.0)
+        background = mean(weight * x) / (mean(weight) + 1e-3)
+        return x * (200.0 / (background + 8.0))
+
+    def get_config(self):
+        return {**super().get_config(), "robust": self.robust}
 
 
 def depthwise_rebuild(model: keras.Model) -> keras.Model:
@@ -147,7 +161,8 @@ def build_model(cfg: Config, any_size: bool = False) -> keras.Model:
                          f"{cfg.model}; use --low-res-size 0 or --model vanilla_cnn")
     keras.utils.set_random_seed(cfg.seed)
     inputs = keras.Input((None, None, 3) if any_size else (96, 96, 3), name="pixels")  # raw 0-255 RGB
-    x = ChannelNorm(name="channel_norm")(inputs) if cfg.input_norm == "channel" else inputs
+    x = ChannelNorm(robust=cfg.input_norm == "robust", name="channel_norm")(inputs) if cfg.input_norm != "none" \
+        else inputs
     size = cfg.input_size
     if spec.keras_app is None:
         if size != 96:
