@@ -439,6 +439,12 @@ def augment_batch(images: tf.Tensor, cfg: Config, randaugment=None) -> tf.Tensor
     return images
 
 
+def images_per_step(cfg: Config) -> int:
+    """Distinct images in a training batch: with the consistency loss, batch_size/2 images seen twice (the two
+    views' halves line up)."""
+    return cfg.batch_size // (2 if cfg.consistency > 0 else 1)
+
+
 def train_dataset(images: np.ndarray, labels: np.ndarray, cfg: Config, sample_weights: np.ndarray | None = None,
                   repeat: bool = True, size: tf.Variable | None = None) -> tf.data.Dataset:
     """Shuffled, augmented, batched (images float32 0-255, one-hot labels) with prefetch.
@@ -453,9 +459,8 @@ def train_dataset(images: np.ndarray, labels: np.ndarray, cfg: Config, sample_we
     ds = ds.shuffle(min(len(images), 20000), seed=cfg.seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
-    # With the consistency loss, a batch is batch_size/2 images seen twice: the two views' halves line up.
     views = 2 if cfg.consistency > 0 else 1
-    per_batch = cfg.batch_size // views
+    per_batch = images_per_step(cfg)
     ds = ds.batch(per_batch, drop_remainder=len(images) >= per_batch)
     randaugment = make_randaugment(cfg) if cfg.randaugment else None
 

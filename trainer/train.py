@@ -184,7 +184,7 @@ def fit(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray, train
     import keras
     import tensorflow as tf
 
-    from .augment import eval_dataset, train_dataset
+    from .augment import eval_dataset, images_per_step, train_dataset
     from .callbacks import EpochClock, callbacks_for
     from .models import build_model, unfreeze
 
@@ -202,8 +202,7 @@ def fit(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray, train
     weights = data.class_weights(labels[train_idx]) if cfg.balance == "class_weights" else None
     train_ds = train_dataset(images[fit_idx], labels[fit_idx], cfg, size=size)
     val_ds = eval_dataset(images[val_idx], labels[val_idx], cfg.batch_size)
-    # An epoch is one pass over the training images; with the consistency loss a step holds half as many.
-    steps = cfg.steps_per_epoch or math.ceil(len(fit_idx) / (cfg.batch_size // (2 if cfg.consistency > 0 else 1)))
+    steps = cfg.steps_per_epoch or math.ceil(len(fit_idx) / images_per_step(cfg))  # one pass over the images
     verbose = cfg.verbose if cfg.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
 
     phases = [("train", cfg.epochs, cfg.learning_rate)]
