@@ -182,6 +182,22 @@ def test_resumed_run_gets_only_what_is_left_of_its_budget(tmp_path):
     assert json.loads((tmp_path / "run_time.json").read_text())["seconds"] >= 540.0
 
 
+def test_a_run_keeps_the_time_it_first_started_across_resumes(tmp_path):
+    import time
+
+    from trainer.runs import run_date
+    from trainer.train import RunTime
+    first = RunTime(str(tmp_path))
+    first.first_started = first.started = time.time() - 3600  # an hour ago
+    first.save()
+    resumed = RunTime(str(tmp_path))
+    assert resumed.first_started == pytest.approx(first.first_started)
+    assert resumed.started_utc() == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(first.first_started))
+    # The runs table dates a run by it, not by file times (a checkout resets those).
+    (tmp_path / "metrics.json").write_text(json.dumps({"started": resumed.started_utc()}))
+    assert run_date(str(tmp_path)) == pytest.approx(first.first_started, abs=1)
+
+
 def test_spent_budget_keeps_the_best_weights_without_training(tmp_path, real_slice, capsys):
     import time
 

@@ -1,6 +1,7 @@
 """Read run folders: one row per run for the runs table (text or Markdown, sortable), and phase histories."""
 from __future__ import annotations
 
+import calendar
 import csv
 import json
 import os
@@ -35,7 +36,14 @@ def read_json(path: str) -> dict:
 
 
 def run_date(run_dir: str) -> float:
-    """When the run started: the timestamp in an automatic name, else config.json's modification time."""
+    """When the run started: metrics.json's "started", else the timestamp in an automatic name, else config.json's
+    modification time (which a checkout resets)."""
+    started = read_json(os.path.join(run_dir, "metrics.json")).get("started")
+    if isinstance(started, str):
+        try:
+            return calendar.timegm(time.strptime(started, "%Y-%m-%dT%H:%M:%SZ"))
+        except ValueError:
+            pass
     found = STAMP.search(os.path.basename(os.path.normpath(run_dir)))
     if found:
         return time.mktime(time.strptime(found.group(1), "%Y%m%d-%H%M%S"))

@@ -94,10 +94,13 @@ class RunTime:
     def __init__(self, out_dir: str):
         self.path = os.path.join(out_dir, "run_time.json")
         self.before = 0.0
+        self.started = time.time()
+        self.first_started = self.started  # when the run began, in its first process
         if os.path.exists(self.path):
             with open(self.path) as fh:
-                self.before = float(json.load(fh)["seconds"])
-        self.started = time.time()
+                saved = json.load(fh)
+            self.before = float(saved["seconds"])
+            self.first_started = float(saved.get("first_started", self.started - self.before))
 
     def seconds(self) -> float:
         return self.before + time.time() - self.started
@@ -107,7 +110,11 @@ class RunTime:
         return self.started - self.before + budget_min * 60 if budget_min else 0.0
 
     def save(self) -> None:
-        files.write_json(self.path, {"seconds": round(self.seconds(), 1)})
+        files.write_json(self.path, {"seconds": round(self.seconds(), 1), "first_started": self.first_started})
+
+    def started_utc(self) -> str:
+        """When the run began, for metrics.json: a checkout resets file times, so `runs` reads this instead."""
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.first_started))
 
 
 def precise_batchnorm(model, batches) -> int:
@@ -366,7 +373,8 @@ def train(cfg: Config) -> dict:
     batch = ev.batch_size_for(model, cfg.inference_memory_mb)
     log(f"after training: batches of {batch} images (largest layer output "
         f"{ev.largest_activation_bytes(model) / 1e6:.1f} MB an image, {cfg.inference_memory_mb} MB for a batch)")
-    metrics = {"run": cfg.name, "profile": cfg.profile, "model": cfg.model, "train_seconds": round(train_seconds, 1),
+    metrics = {"run": cfg.name, "profile": cfg.profile, "model": cfg.model, "started": run_time.started_utc(),
+               "train_seconds": round(train_seconds, 1),
                "epochs": len(history.get("accuracy", [])), "train_images": int(len(train_idx))}
     with steps.step("evaluation", batch):
         metrics["val"] = evaluate_split(model, images[val_idx], labels[val_idx], "val", out_dir, batch)
