@@ -8,7 +8,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from .config import Config
+from .config import Config, off_values
 from .corrupt import HUE_LUMA, HUE_SIN
 from .data import NUM_CLASSES
 
@@ -334,7 +334,7 @@ def corruption_ops(cfg: Config) -> tuple:
 def without_dropped_family(cfg: Config) -> Config:
     """cfg with the stage settings of cfg.drop_family at their off values (the colour stage's noise belongs to
     noise, not colour); the same cfg when it drops none."""
-    off = {f.name: f.metadata["off"] for f in dataclasses.fields(Config)}
+    off = off_values()
     return dataclasses.replace(cfg, **{name: off[name] for name in FAMILY_FIELDS.get(cfg.drop_family, ())})
 
 

@@ -217,6 +217,12 @@ PROFILES: dict[str, dict] = {
 }
 
 
+def off_values(groups: tuple = (GEOMETRY, TRANSFORMS)) -> dict:
+    """Each setting of these groups that has an "off" value (augmentation switched off), with that value."""
+    return {f.name: f.metadata["off"] for f in dataclasses.fields(Config)
+            if f.metadata["group"] in groups and f.metadata["off"] is not None}
+
+
 def make_config(profile: str = "cpu", **overrides) -> Config:
     """Config of a named profile, then the overrides on top (not validated: validate() does that)."""
     if profile not in PROFILES:

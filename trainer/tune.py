@@ -3,18 +3,16 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import fields
 
 from . import files
-from .config import GEOMETRY, TRANSFORMS, Config, make_config
+from .config import Config, make_config, off_values
 from .report import write_report
 from .train import run_dir_for, train
 
 # Each candidate adds to the one before, so the table reads as an ablation from "no augmentation" upwards.
 # Every augmentation field is set in every candidate (its "off" value from the config's metadata unless a step
 # turns it on), so the base profile's own recipe never leaks in.
-_OFF = {f.name: f.metadata["off"] for f in fields(Config)
-        if f.metadata["group"] in (GEOMETRY, TRANSFORMS) and f.metadata["off"] is not None}
+_OFF = off_values()
 _STEPS = [
     ("none", {}),
     ("geometry", dict(flip=True, rot90=True, rotation=0.5, zoom=0.1, shift=0.1)),
