@@ -309,3 +309,17 @@ def test_consistency_loss_adds_the_divergence_of_the_two_views_in_training_only(
     pairs_only.on_test_end()
     assert (loss(y, apart).numpy() > keras.losses.CategoricalCrossentropy(reduction=None)(y, apart).numpy()
             + 0.1).all()
+
+
+@pytest.mark.parametrize("fill", ["random", "extremes"])
+def test_erase_fill_extremes_paints_black_and_white_patches(fill):
+    tf.random.set_seed(3)
+    grey = tf.fill([600, 96, 96, 3], 128.0)
+    out = augment.erase(grey, make_config("cpu", **{**OFF, "erase": 1.0, "erase_fill": fill})).numpy()
+    # A 10-30% rectangle is at least 81 pixels; count the images that have that many of pure black or pure white.
+    black = (np.all(out == 0.0, axis=-1).sum(axis=(1, 2)) >= 81).mean()
+    white = (np.all(out == 255.0, axis=-1).sum(axis=(1, 2)) >= 81).mean()
+    if fill == "extremes":  # half the patches are flat, a third of those black and a third white: 1/6 each
+        assert 0.10 < black < 0.23 and 0.10 < white < 0.23, (black, white)
+    else:
+        assert black == 0.0 and white == 0.0, (black, white)

@@ -131,7 +131,8 @@ def blur(images: tf.Tensor, cfg: Config) -> tf.Tensor:
 
 
 def erase(images: tf.Tensor, cfg: Config) -> tf.Tensor:
-    """Random erasing: with chance cfg.erase, one rectangle (10-30% of the side) becomes noise or a flat colour."""
+    """Random erasing: with chance cfg.erase, one rectangle (10-30% of the side) becomes noise or a flat colour
+    (cfg.erase_fill: any colour, or black and white as often as any colour)."""
     shape = tf.shape(images)
     batch, h, w = shape[0], shape[1], shape[2]
     hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
@@ -146,6 +147,9 @@ def erase(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     chosen = tf.random.uniform([batch, 1, 1]) < cfg.erase
     mask = tf.cast(inside & chosen, tf.float32)[..., None]
     flat = tf.random.uniform([batch, 1, 1, 3], 0, 255)
+    if cfg.erase_fill == "extremes":
+        pick = tf.random.uniform([batch, 1, 1, 1], 0, 3, tf.int32)  # 0: any colour, 1: black, 2: white
+        flat = tf.where(pick == 1, 0.0, tf.where(pick == 2, 255.0, flat))
     use_noise = tf.random.uniform([batch, 1, 1, 1]) < 0.5
     fill = tf.where(use_noise, tf.random.uniform(shape, 0, 255), flat + tf.zeros_like(images))
     return images * (1 - mask) + fill * mask

@@ -87,6 +87,10 @@ class Config:
     blur: float = option(0.0, "Gaussian blur sigma (px) that half the images get a random share of; 0 = off",
                          TRANSFORMS, low=0.0, high=5.0, off=0.0)
     erase: float = option(0.0, "chance of a random-erasing patch", TRANSFORMS, low=0.0, high=1.0, off=0.0)
+    erase_fill: str = option("random", "what a random-erasing patch holds when it is a flat colour (half the "
+                             "time; else noise): random = any colour; extremes = black a third of the time, white a "
+                             "third, any colour the rest (a blot of ink, a glare)", TRANSFORMS,
+                             choices=("random", "extremes"), off="random")
     corrupt: float = option(0.0, "chance an image gets the corruption stage (noise, colour, grid...); 0 = off",
                             TRANSFORMS, low=0.0, high=1.0, off=0.0)
     corrupt_ops: int = option(2, "a corrupted image gets 1 to this many corruptions", TRANSFORMS, low=1, high=6,
