@@ -101,7 +101,12 @@ def every_flag_on() -> Config:
     for f in fields(Config):
         meta = f.metadata
         if meta["off"] is not None:  # drop_family has none: it takes augmentation away
-            values[f.name] = True if isinstance(f.default, bool) else meta["high"]
+            if isinstance(f.default, bool):
+                values[f.name] = True
+            elif meta.get("choices"):  # a kind of augmentation: the last one that is not off
+                values[f.name] = [c for c in meta["choices"] if c != meta["off"]][-1]
+            else:
+                values[f.name] = meta["high"]
     return make_config("gpu", **values)
 
 
