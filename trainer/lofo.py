@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from . import corrupt, files, heldout, heldout_eval
-from .config import Config
+from .config import Config, off_values
 from .evaluate import batch_size_for, predict_probs
 from .report import write_report
 from .train import run_dir_for, train
@@ -21,7 +21,7 @@ def family_ops(cfg: Config) -> dict[str, list[str]]:
     """{family: the augmentation settings and corruption-stage ops of cfg that produce it}, by the declaration in
     trainer/heldout.py; a family nothing in cfg produces is left out."""
     from .augment import corruption_ops, op_name  # TensorFlow: imported only when runs are about to train
-    off = {f.name: f.metadata["off"] for f in dataclasses.fields(Config)}
+    off = off_values()
     found: dict[str, list[str]] = {}
 
     def add(kinds, label):
