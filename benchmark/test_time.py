@@ -77,13 +77,18 @@ class BatchNormStats:
                                           + keep * (1 - keep) * np.square(mean - new_mean)).astype(np.float32))
 
 
-def scores(model, sets: dict, labels: np.ndarray, views: list) -> dict:
-    """Accuracy on each set with the softmax averaged over views, each a (zoom, dihedral view) pair."""
+def scores(model, sets: dict, labels: np.ndarray, views: list, cache: dict | None = None) -> dict:
+    """Accuracy on each set with the softmax averaged over views, each a (zoom, dihedral view) pair. A cache
+    (set, zoom, view) -> softmax lets settings that share views predict each once; only while the model is unchanged."""
+    cache = {} if cache is None else cache
     out = {}
     for name, images in sets.items():
         total = 0.0
         for factor, view in views:
-            total = total + model.predict(dihedral(zoom(images, factor), view), batch_size=256, verbose=0)
+            if (name, factor, view) not in cache:
+                cache[name, factor, view] = model.predict(dihedral(zoom(images, factor), view), batch_size=256,
+                                                          verbose=0)
+            total = total + cache[name, factor, view]
         out[name] = float(np.mean(np.argmax(total, axis=1) == labels))
     return out
 
@@ -113,10 +118,11 @@ def main(argv=None) -> int:
     sets.update({kind: copy for kind, copy, _ in medmnist_c_eval.corrupted(images, args.seed) if copy is not None})
     eight = [(1, v) for v in range(8)]
     print(f"{len(images)} test images of {args.run}; every figure is accuracy")
-    print(line("1 view", scores(model, sets, labels, [(1, 0)])), flush=True)
-    print(line("8 symmetries", scores(model, sets, labels, eight)), flush=True)
+    trained = {}  # the trained model's predictions, shared by the view settings
+    print(line("1 view", scores(model, sets, labels, [(1, 0)], trained)), flush=True)
+    print(line("8 symmetries", scores(model, sets, labels, eight, trained)), flush=True)
     for tag, factor in ZOOMS.items():
-        print(line(tag, scores(model, sets, labels, eight + [(factor, v) for v in range(8)])), flush=True)
+        print(line(tag, scores(model, sets, labels, eight + [(factor, v) for v in range(8)], trained)), flush=True)
     stats = BatchNormStats(model)
     pooled = np.concatenate(list(sets.values()))
     for prior in (0.0, 1.0):

@@ -51,3 +51,18 @@ def test_a_folder_without_a_model_is_refused_by_name(tmp_path, capsys):
     with pytest.raises(SystemExit):
         test_time.main(["--run", str(tmp_path)])
     assert "has no model.keras" in capsys.readouterr().err
+
+
+def test_shared_views_are_predicted_once_and_score_the_same():
+    from trainer.config import make_config
+    from trainer.models import build_model
+    model = build_model(make_config("smoke", width=4, dense_units=16, seed=1))
+    rng = np.random.default_rng(2)
+    sets = {"a": rng.integers(0, 256, (6, 96, 96, 3)).astype(np.uint8)}
+    labels = rng.integers(0, 8, 6)
+    views = [(1, v) for v in range(8)] + [(1.15, 0)]
+    cache = {}
+    first = test_time.scores(model, sets, labels, views, cache)
+    assert set(cache) == {("a", f, v) for f, v in views}
+    assert test_time.scores(model, sets, labels, views) == first  # without a cache: the same figures
+    assert test_time.scores(None, sets, labels, views, cache) == first  # all from the cache: no model needed
