@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 from trainer import files, gradcam, runs
+from trainer.config import make_config
 from trainer.report import write_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -220,6 +222,17 @@ def test_runs_sort_and_markdown(runs_dir):
     table = runs.runs_table(str(runs_dir), sort="name", markdown=True).splitlines()
     assert table[0].startswith("| name | date |") and set(table[1]) <= set("|-:")
     assert [line.split("|")[1].strip() for line in table[2:]] == ["alpha", "beta"]
+
+
+def test_notes_give_the_flags_that_set_a_run_apart_from_its_profile():
+    def notes(**overrides):
+        return runs.notes(dataclasses.asdict(make_config("cpu", **overrides)), {"test": {}})
+    assert notes(seed=7, epochs=30, time_budget_min=0.0) == "erase 0.5", "only augmentation settings are named"
+    text = notes(corrupt_blur=3.0, corrupt_jpeg=False, erase_fill="extremes", erase=0.3)
+    assert text.split(", ") == ["erase 0.3", "--erase-fill extremes", "--corrupt-jpeg false", "--corrupt-blur 3"]
+    # A profile that no longer exists has nothing to differ from.
+    retired = {**dataclasses.asdict(make_config("cpu", corrupt_blur=3.0)), "profile": "retired"}
+    assert runs.profile_changes(retired) == [] and runs.notes(retired, {"test": {}}) == "erase 0.5"
 
 
 def test_runs_table_piped_into_head_ends_quietly(tmp_path):

@@ -7,7 +7,9 @@ import json
 import os
 import re
 import time
+from dataclasses import fields
 
+from .config import GEOMETRY, PROFILES, TRANSFORMS, Config, flag, make_config
 from .leaderboard import latest_score
 from .registry import MODELS
 
@@ -54,8 +56,30 @@ def run_date(run_dir: str) -> float:
     return os.path.getmtime(run_dir)
 
 
+# Augmentation settings that notes() names by value already ("erase 0.5"), so profile_changes leaves them out.
+LABELLED = ("randaugment", "randaugment_magnitude", "mixup_alpha", "cutmix_alpha", "erase")
+
+
+def _flag_value(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def profile_changes(cfg: dict) -> list[str]:
+    """The augmentation settings in which a run differs from its profile as that profile is today, as the flags
+    that turn today's profile into the run's ("--corrupt-blur 3"); none when the profile no longer exists."""
+    if cfg.get("profile") not in PROFILES:
+        return []
+    today = make_config(cfg["profile"])
+    return [f"{flag(f.name)} {_flag_value(cfg[f.name])}" for f in fields(Config)
+            if f.metadata["group"] in (GEOMETRY, TRANSFORMS) and f.name not in LABELLED and f.name in cfg
+            and cfg[f.name] != getattr(today, f.name)]
+
+
 def notes(cfg: dict, metrics: dict) -> str:
-    """The settings that explain a score at a glance: augmentation, split, balance, folds, subset."""
+    """The settings that explain a score at a glance: augmentation (with the flags where it differs from its
+    profile), split, balance, folds, subset."""
     out = []
     if cfg.get("randaugment"):
         out.append(f"RandAugment {cfg.get('randaugment_magnitude', 0):g}")
@@ -65,6 +89,7 @@ def notes(cfg: dict, metrics: dict) -> str:
     if not out:
         geometric = any(cfg.get(k) for k in ("flip", "rot90", "rotation", "zoom", "shift"))
         out.append("geometric aug" if geometric else "no aug")
+    out += profile_changes(cfg)
     if cfg.get("no_test_split"):
         out.append("no-test-split")
     if cfg.get("balance", "none") != "none":
