@@ -56,8 +56,9 @@ def run_date(run_dir: str) -> float:
     return os.path.getmtime(run_dir)
 
 
-# Augmentation settings that notes() names by value already ("erase 0.5"), so profile_changes leaves them out.
-LABELLED = ("randaugment", "randaugment_magnitude", "mixup_alpha", "cutmix_alpha", "erase")
+# Augmentation settings that notes() names by value ("erase 0.5"), so profile_changes leaves them out.
+VALUE_LABELS = (("mixup_alpha", "mixup"), ("cutmix_alpha", "cutmix"), ("erase", "erase"))
+LABELLED = ("randaugment", "randaugment_magnitude") + tuple(key for key, _ in VALUE_LABELS)
 
 
 def _flag_value(value) -> str:
@@ -83,7 +84,7 @@ def notes(cfg: dict, metrics: dict) -> str:
     out = []
     if cfg.get("randaugment"):
         out.append(f"RandAugment {cfg.get('randaugment_magnitude', 0):g}")
-    for key, label in (("mixup_alpha", "mixup"), ("cutmix_alpha", "cutmix"), ("erase", "erase")):
+    for key, label in VALUE_LABELS:
         if cfg.get(key):
             out.append(f"{label} {cfg[key]:g}")
     if not out:
