@@ -7,6 +7,7 @@ import time
 
 STATUS = "/proc/self/status"
 CLEAR_REFS = "/proc/self/clear_refs"
+RESET_SLACK_KB = 16_000  # pages another thread may fault in between the reset and the check
 
 
 def _status_kb(key: str) -> int | None:
@@ -21,13 +22,22 @@ def _status_kb(key: str) -> int | None:
 
 
 def reset_peak() -> bool:
-    """Start a new high-water mark of resident memory (VmHWM) at the current size; False where Linux cannot."""
+    """Start a new high-water mark of resident memory (VmHWM) at the current size; False where the kernel cannot."""
     try:
         with open(CLEAR_REFS, "w") as fh:
             fh.write("5")  # 5 resets the peak RSS (Linux 4.0+), leaving page state alone
-        return True
     except OSError:
         return False
+    # Some sandboxed kernels accept the write and keep the old mark; a peak that still sits above the current size
+    # would be the run's, not the step's, so it is reported as unknown instead.
+    peak, now = _status_kb("VmHWM"), _status_kb("VmRSS")
+    return peak is not None and now is not None and peak - now <= RESET_SLACK_KB
+
+
+def current_gb() -> float | None:
+    """Resident memory of this process now, in GB; None off Linux."""
+    kb = _status_kb("VmRSS")
+    return None if kb is None else kb / 1e6
 
 
 def peak_gb() -> float | None:
