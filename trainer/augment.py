@@ -1,4 +1,4 @@
-"""tf.data input pipelines: geometry, RandAugment, colour, blur, erasing, corruptions, then MixUp/CutMix."""
+"""tf.data input pipelines: geometry, RandAugment, colour, blur, erasing, PixMix, corruptions, then MixUp/CutMix."""
 from __future__ import annotations
 
 import dataclasses
@@ -153,6 +153,50 @@ def erase(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     use_noise = tf.random.uniform([batch, 1, 1, 1]) < 0.5
     fill = tf.where(use_noise, tf.random.uniform(shape, 0, 255), flat + tf.zeros_like(images))
     return images * (1 - mask) + fill * mask
+
+
+PIXMIX_SLOPES = (1.0, 3.0)  # spectra fall as 1/f^a, a drawn in this range: fine grain up to smooth clouds
+PIXMIX_LOWEST_CYCLES = 2.0  # no frequency below 2 cycles per crop, so no picture lights one side of a cell
+
+
+def structured_pictures(n, size: int) -> tf.Tensor:
+    """n random textures in [0, 1], (n, size, size, 3): coloured 1/f noise, each with its own slope and tint.
+
+    PixMix's mixing set is fractals and feature visualisations; any picture with structure at many scales and no
+    meaning serves, and these need no files. Frequencies under PIXMIX_LOWEST_CYCLES are cut, so no picture is an
+    illumination ramp (the held-out vignetting) and each one varies inside the cell itself. They are drawn at half
+    the size and scaled up: the inverse FFTs at full size cost a third of a training step on a 2-core CPU.
+    """
+    half = (size + 1) // 2
+    fy = tf.abs(tf.signal.fftshift(tf.range(half, dtype=tf.float32) - half // 2))  # |frequency|, cycles per crop
+    fx = tf.range(half // 2 + 1, dtype=tf.float32)
+    radius = tf.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2)
+    slope = tf.random.uniform([n, 1, 1, 1], *PIXMIX_SLOPES)
+    gain = tf.where(radius >= PIXMIX_LOWEST_CYCLES, tf.maximum(radius, 1.0) ** -slope, 0.0)  # (n, 1, half, half/2)
+    shape = [n, 4, half, half // 2 + 1]  # three colour fields and one grey field per picture
+    spectrum = tf.complex(tf.random.normal(shape) * gain, tf.random.normal(shape) * gain)
+    fields = tf.transpose(tf.signal.irfft2d(spectrum, [half, half]), [0, 2, 3, 1])  # (n, half, half, 4)
+    grey = tf.random.uniform([n, 1, 1, 1])  # how much of the picture is one field in all three channels
+    pictures = grey * fields[..., 3:] + (1 - grey) * fields[..., :3]
+    mean, variance = tf.nn.moments(pictures, axes=[1, 2, 3], keepdims=True)
+    # Two standard deviations either side fill [0, 1]: a min-max stretch would leave most pixels near mid-grey.
+    pictures = tf.clip_by_value(0.5 + 0.25 * (pictures - mean) / tf.sqrt(variance + 1e-12), 0.0, 1.0)
+    return tf.image.resize(pictures, [size, size], method="bilinear")
+
+
+def pixmix(images: tf.Tensor, cfg: Config) -> tf.Tensor:
+    """With chance cfg.pixmix, blend an image with a structured picture: added (a weighted mean) or multiplied (a
+    weighted geometric mean) in, half the time each, the picture's weight uniform up to cfg.pixmix_weight."""
+    rows = tf.where(tf.random.uniform([tf.shape(images)[0]]) < cfg.pixmix)  # (m, 1): only these pay for a picture
+    picked = tf.gather_nd(images, rows)
+    m = tf.shape(rows)[0]
+    pictures = structured_pictures(m, images.shape[1] or tf.shape(images)[1])
+    weight = tf.random.uniform([m, 1, 1, 1], 0.0, cfg.pixmix_weight)
+    added = picked * (1 - weight) + 255.0 * pictures * weight
+    unit = tf.clip_by_value(picked / 255.0, 1e-3, 1.0)
+    multiplied = 255.0 * unit ** (1 - weight) * tf.maximum(pictures, 1e-3) ** weight
+    blended = tf.where(tf.random.uniform([m, 1, 1, 1]) < 0.5, multiplied, added)
+    return tf.tensor_scatter_nd_update(images, rows, tf.clip_by_value(blended, 0.0, 255.0))
 
 
 # ---- corruption stage: the pseudo-private test's families, at random strengths, inside tf.data ----------
@@ -438,6 +482,8 @@ def augment_batch(images: tf.Tensor, cfg: Config, randaugment=None) -> tf.Tensor
         images = blur(images, cfg)
     if cfg.erase > 0:
         images = erase(images, cfg)
+    if cfg.pixmix > 0:
+        images = pixmix(images, cfg)
     if cfg.corrupt > 0:
         images = corrupt(images, cfg)
     return images

@@ -102,6 +102,12 @@ class Config:
                                  TRANSFORMS, low=0.0, high=2.0, off=0.0)
     corrupt_blur: float = option(0.0, "a strong Gaussian blur in the corruption stage: sigma up to this; 0 = off",
                                  TRANSFORMS, low=0.0, high=5.0, off=0.0)
+    pixmix: float = option(0.0, "chance an image is blended with a random structured picture, added or multiplied "
+                           "in (after PixMix, Hendrycks et al., CVPR 2022; our pictures are 1/f textures with no "
+                           "ramp across the crop, not their fractals); 0 = off", TRANSFORMS, low=0.0, high=1.0,
+                           off=0.0)
+    pixmix_weight: float = option(0.5, "most weight a PixMix picture gets in the blend (drawn uniformly up to "
+                                  "this)", TRANSFORMS, low=0.0, high=1.0, off=0.0)
     mixup_alpha: float = option(0.0, "mixup Beta(alpha, alpha) mixing; 0 = off", TRANSFORMS, low=0.0, high=10.0,
                                 off=0.0)
     cutmix_alpha: float = option(0.0, "CutMix Beta(alpha, alpha) patch mixing; 0 = off", TRANSFORMS, low=0.0,
