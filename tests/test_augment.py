@@ -41,6 +41,7 @@ def batch(real_slice):
     (dict(shear=0.3), 0.4),
     (dict(zoom=0.6, black_fill=1.0), 0.4),
     (dict(corrupt=1.0), 0.9),
+    (dict(pixmix=1.0), 0.9),
 ])
 def test_each_stage_keeps_range_and_changes_images(batch, stage, share):
     cfg = make_config("cpu", **{**OFF, **stage})
@@ -323,3 +324,33 @@ def test_erase_fill_extremes_paints_black_and_white_patches(fill):
         assert 0.10 < black < 0.23 and 0.10 < white < 0.23, (black, white)
     else:
         assert black == 0.0 and white == 0.0, (black, white)
+
+
+def test_pixmix_pictures_vary_inside_the_crop_and_never_ramp_across_it():
+    tf.random.set_seed(0)
+    pictures = augment.structured_pictures(64, 96).numpy()
+    assert pictures.shape == (64, 96, 96, 3) and pictures.min() >= 0.0 and pictures.max() <= 1.0
+    assert (pictures.std(axis=(1, 2, 3)) > 0.1).all(), "every picture has structure"
+    # A plane fitted to each picture (the ramp of a lamp off centre) explains almost none of it.
+    grid = np.stack(np.meshgrid(np.linspace(-1, 1, 96), np.linspace(-1, 1, 96)), -1).reshape(-1, 2)
+    design = np.concatenate([grid, np.ones((len(grid), 1))], 1)
+    grey = pictures.mean(-1).reshape(64, -1)
+    fit = design @ np.linalg.lstsq(design, grey.T, rcond=None)[0]
+    explained = 1 - ((grey.T - fit) ** 2).sum(0) / ((grey.T - grey.mean(1)) ** 2).sum(0)
+    assert np.median(explained) < 0.05 and explained.max() < 0.3, explained
+
+
+@pytest.mark.parametrize("weight", [0.2, 0.5])
+def test_pixmix_keeps_the_cell_by_its_weight_and_touches_only_the_chosen_share(batch, weight):
+    cfg = make_config("cpu", **{**OFF, "pixmix": 0.5, "pixmix_weight": weight})
+    tf.random.set_seed(1)
+    x = tf.constant(np.concatenate([batch] * 4), tf.float32)
+    out = augment.pixmix(x, cfg).numpy()
+    check_range(out, len(x))
+    changed = np.abs(out - x.numpy()).reshape(len(x), -1).max(1) > 1.0
+    assert 0.3 < changed.mean() < 0.7, "about half the images are blended"
+    # Added in, a picture moves a pixel at most weight * 255; multiplied in, at most by the factor p ** weight.
+    # Either way the cell stays what most of each pixel is made of: its correlation with the original is high.
+    before, after = x.numpy()[changed].reshape(changed.sum(), -1), out[changed].reshape(changed.sum(), -1)
+    corr = [np.corrcoef(b, a)[0, 1] for b, a in zip(before, after)]
+    assert np.median(corr) > (0.8 if weight <= 0.2 else 0.5), corr

@@ -24,6 +24,9 @@ TRAINING_OPS = {
     "blur": (("gaussian_blur",), "--blur"),
     "erase": (("patches",), "--erase"),
     "mix": ((), "--mixup-alpha --cutmix-alpha"),  # blends two cells and their labels: no suite corruption
+    # Blends in a random 1/f texture: no suite corruption by kind, though its darker blends look a little like
+    # the held-out debris and grain (docs/robustness.md says so beside its figures).
+    "pixmix": ((), "--pixmix --pixmix-weight"),
     "_gaussian_noise": (("gaussian_noise",), "--corrupt"),
     "_salt_pepper": (("salt_pepper",), "--corrupt"),
     "_brightness": (("brightness",), "--corrupt"),
