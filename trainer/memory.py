@@ -7,7 +7,7 @@ import time
 
 STATUS = "/proc/self/status"
 CLEAR_REFS = "/proc/self/clear_refs"
-RESET_SLACK_KB = 16_000  # pages another thread may fault in between the reset and the check
+RESET_SLACK_KB = 64_000  # what other threads may allocate or free between the reset and the check
 
 
 def _status_kb(key: str) -> int | None:
