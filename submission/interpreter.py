@@ -345,10 +345,13 @@ class NumpyOps:
         pads = [int(p) for p in np.asarray(x[1]).reshape(-1)] if len(x) > 1 else list(node.attrs["pads"])
         value = float(np.asarray(x[2]).reshape(-1)[0]) if len(x) > 2 and x[2] is not None else 0.0
         mode = node.attrs.get("mode", "constant")
-        if mode != "constant" or len(x) > 3:
+        if mode not in ("constant", "reflect") or len(x) > 3:
             raise ValueError(f"Pad with mode {mode} or axes is not supported")
         rank = len(pads) // 2
-        return np.pad(x[0], [(pads[i], pads[i + rank]) for i in range(rank)], constant_values=value)
+        widths = [(pads[i], pads[i + rank]) for i in range(rank)]
+        if mode == "reflect":  # ONNX's reflect leaves the edge out, as numpy's does
+            return np.pad(x[0], widths, mode="reflect")
+        return np.pad(x[0], widths, constant_values=value)
 
     # layers
     def MatMul(self, node, x):
@@ -566,10 +569,14 @@ class TensorFlowOps(NumpyOps):
     def Pad(self, node, x):
         pads = [int(p) for p in np.asarray(x[1]).reshape(-1)] if len(x) > 1 else list(node.attrs["pads"])
         value = float(np.asarray(x[2]).reshape(-1)[0]) if len(x) > 2 and x[2] is not None else 0.0
-        if node.attrs.get("mode", "constant") != "constant" or len(x) > 3:
-            raise ValueError("Pad with a mode other than constant, or with axes, is not supported")
+        mode = node.attrs.get("mode", "constant")
+        if mode not in ("constant", "reflect") or len(x) > 3:
+            raise ValueError(f"Pad with mode {mode} or axes is not supported")
         rank = len(pads) // 2
-        return self.tf.pad(x[0], [[pads[i], pads[i + rank]] for i in range(rank)], constant_values=value)
+        widths = [[pads[i], pads[i + rank]] for i in range(rank)]
+        if mode == "reflect":
+            return self.tf.pad(x[0], widths, mode="REFLECT")
+        return self.tf.pad(x[0], widths, constant_values=value)
 
     def MatMul(self, node, x):
         return self.tf.linalg.matmul(x[0], x[1]) if len(x[0].shape) == len(x[1].shape) else \

@@ -188,3 +188,25 @@ def test_robust_norm_divides_out_a_lamp_colour_and_ignores_a_blot(real_slice):
     moved = {name: np.abs(norm(cells).numpy() - norm(blotted).numpy())[:, outside].mean()
              for name, norm in (("robust", robust), ("plain", plain))}
     assert moved["robust"] < 2.0 and moved["plain"] > 5 * moved["robust"], moved
+
+
+def test_blur_pool_keeps_flat_maps_and_removes_the_finest_pattern():
+    from trainer.models import BlurPool
+    flat = np.full((1, 48, 48, 3), 5.0, np.float32)
+    out = np.asarray(BlurPool()(flat))
+    assert out.shape == (1, 24, 24, 3)
+    np.testing.assert_allclose(out, 5.0, atol=1e-5)  # reflected borders: the edge is not darkened
+    # A one-pixel checkerboard is what plain subsampling aliases into a flat map of its peaks; the blur averages
+    # it to its mean away from the border instead.
+    checker = (np.indices((48, 48)).sum(0) % 2).astype(np.float32)[None, :, :, None] * 2.0
+    assert np.ptp(checker[:, ::2, ::2]) == 0 and checker[0, 0, 0, 0] == 0.0  # what subsampling alone keeps
+    np.testing.assert_allclose(np.asarray(BlurPool()(checker))[0, 1:-1, 1:-1], 1.0, atol=1e-5)
+
+
+def test_blur_pool_model_saves_and_loads(tmp_path):
+    model = build_model(make_config("smoke", width=8, dense_units=16, blur_pool=True, seed=2))
+    x = np.random.default_rng(0).integers(0, 256, (3, 96, 96, 3)).astype(np.float32)
+    assert sum(type(layer).__name__ == "BlurPool" for layer in model.layers) == 3
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(model(x)), atol=1e-6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import keras
+import numpy as np
 from keras import layers
 
 from .config import Config, validate
@@ -72,6 +73,19 @@ class ChannelNorm(layers.Layer):
         return {**super().get_config(), "robust": self.robust}
 
 
+@keras.saving.register_keras_serializable(package="trainer")
+class BlurPool(layers.Layer):
+    """Halve height and width after a 3x3 binomial low-pass, each channel alone (Zhang, ICML 2019), so that fine
+    detail or noise above the new sampling rate is averaged away instead of aliased into coarse features."""
+
+    def call(self, x):
+        taps = np.array([1.0, 2.0, 1.0])
+        kernel = np.tile((np.outer(taps, taps) / 16.0)[:, :, None, None], (1, 1, x.shape[-1], 1))
+        # Reflected borders: zero padding would darken the edge of every feature map it blurs.
+        x = keras.ops.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+        return keras.ops.depthwise_conv(x, keras.ops.cast(kernel, x.dtype), strides=2, padding="valid")
+
+
 def depthwise_rebuild(model: keras.Model) -> keras.Model:
     """Clone a model with every grouped Conv2D that is really depthwise rebuilt as DepthwiseConv2D.
 
@@ -138,12 +152,16 @@ def vanilla_cnn(x, cfg: Config):
         return layers.Activation("relu")(x)
 
     x = Preprocess(spec_of("vanilla_cnn").preprocess, name="preprocess")(x)
+    # The stem stays a strided convolution even with blur_pool: at full size it would double the cost of a step.
     x = conv_bn(x, cfg.width, strides=2)
     for i, mult in enumerate((1, 2, 4, 8)):
         # The 48x48 block costs the most per image: one of its two convolutions is the cheap thing to drop.
         for _ in range(cfg.first_block_convs if i == 0 else 2):
             x = conv_bn(x, cfg.width * mult)
-        if i < 3:
+        if i < 3 and cfg.blur_pool:
+            # the max of each 2x2 window at every position, then the blur subsamples (Zhang's MaxBlurPool)
+            x = BlurPool()(layers.MaxPooling2D(pool_size=2, strides=1, padding="same")(x))
+        elif i < 3:
             x = layers.MaxPooling2D()(x)
     return x
 
