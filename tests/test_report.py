@@ -200,8 +200,11 @@ def test_make_runs_lists_both_runs_with_their_figures(runs_dir):
     assert [line.split()[0] for line in body] == ["beta", "alpha"], "newest first"
     alpha, beta = body[1], body[0]
     a, b = (json.load(open(runs_dir / n / "metrics.json")) for n in ("alpha", "beta"))
-    assert lines[0].split()[7:12] == ["clean", "heldout", "leaderboard", "mmc", "in_dist"]
+    assert lines[0].split()[7:15] == ["clean", "zip_clean", "heldout", "zip_heldout", "leaderboard", "mmc",
+                                      "zip_mmc", "in_dist"]
     for figure in (f"{a['test']['accuracy']:.4f}", f"{a['robustness']['corrupted']['accuracy']:.4f}",
+                   f"{a['submission']['clean']:.4f}", f"{a['submission']['heldout']:.4f}",
+                   f"{a['submission']['medmnist_c']['overall']:.4f}",
                    f"{a['heldout']['corrupted']['accuracy']:.4f}", f"{a['medmnist_c']['overall']:.4f}",
                    f"{a['test']['macro_f1']:.4f}", f"{a['export']['bytes'] / 1e6:.1f}", "PASS", "62s",
                    runs.duration(a["train_seconds"]), "nadam"):

@@ -123,7 +123,7 @@ def test_settings_carry_the_sha256_of_the_model_file(smoke_run):
 def test_every_step_after_training_is_measured(smoke_run):
     rows = json.loads((smoke_run[0] / "metrics.json").read_text())["memory"]
     assert [r["step"] for r in rows] == ["training", "evaluation", "batchnorm check", "robustness",
-                                         "export: convert", "export: parity check"]
+                                         "export: convert", "export: parity check", "scoring the submission"]
     assert all(r["seconds"] >= 0 and (r["peak_rss_gb"] is None or r["peak_rss_gb"] > 0.1) for r in rows), rows
     assert rows[1]["batch_size"] == 128  # vanilla_cnn at 96: the batch it always had
 
@@ -410,6 +410,29 @@ def test_evaluate_heldout_reproduces_metrics(smoke_run, tmp_path):
                               str(run / "holdout.npz"), "--heldout", "--corrupt"],
                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "pick one" in refused.stderr
+
+
+def test_submission_figures_are_the_zips(smoke_run, tmp_path):
+    """metrics.json's "submission" block is what `evaluate` gets from the exported model through model.py with
+    the same views: clean and held-out exactly, MedMNIST-C on the same cells."""
+    run = smoke_run[0]
+    metrics = json.loads((run / "metrics.json").read_text())
+    served, config = metrics["submission"], json.loads((run / "config.json").read_text())
+    assert served["views"] == config["max_views"] == 8 and served["images"] == metrics["test"]["n"]
+    assert served["medmnist_c"]["images"] == metrics["medmnist_c"]["images"]
+    assert set(served["medmnist_c"]["per_corruption"]) == set(metrics["medmnist_c"]["per_corruption"])
+    for flags, figure in (((), served["clean"]), (("--heldout",), served["heldout"]),
+                          (("--medmnist-c", "--max-images", str(config["robustness_images"])),
+                           served["medmnist_c"]["overall"])):
+        out = tmp_path / "figure.json"
+        proc = subprocess.run([sys.executable, "-m", "trainer", "evaluate", "--model", str(run), "--data",
+                               str(run / "holdout.npz"), "--views", "8", "--seed", str(config["seed"]), *flags,
+                               "--out", str(out)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        row = json.loads(out.read_text())["rows"][0]
+        assert row["views"] == 8
+        assert abs(row["overall" if "--medmnist-c" in flags else "accuracy"] - figure) < 1e-9, (flags, row)
+    assert "as its zip serves it (8 views)" in smoke_run[2]
 
 
 def test_evaluate_medmnist_c_reproduces_metrics(smoke_run, tmp_path):

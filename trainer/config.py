@@ -200,6 +200,10 @@ class Config:
                                   high=0.95)
     expected_test_size: int = option(10000, "test images model.py plans its time for", EXPORT, low=1)
     max_views: int = option(8, "most TTA views model.py may use (1 = no TTA)", EXPORT, low=1, high=8)
+    score_submission: bool = option(True, "after the export, score model.onnx as the zip serves it (model.py with "
+                                    "--max-views views) on the test split clean, its held-out copy and MedMNIST-C: "
+                                    "metrics.json's submission; off in the gpu profile, whose model would take "
+                                    "hours on a CPU runtime", EXPORT, resume=True)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -226,7 +230,8 @@ PROFILES: dict[str, dict] = {
                 learning_rate=1e-4, fine_tune_epochs=30, fine_tune_lr=1e-5, freeze_backbone=False,
                 no_test_split=True, label_smoothing=0.1, dense_units=512, mixed_precision=True,
                 randaugment_magnitude=0.5, patience=10, erase=0.5, blur=1.5, corrupt=0.5, corrupt_ops=3,
-                black_fill=0.3, corrupt_jpeg=True, corrupt_zoom=0.6, onnx_weights="float16"),
+                black_fill=0.3, corrupt_jpeg=True, corrupt_zoom=0.6, onnx_weights="float16",
+                score_submission=False),
 }
 
 

@@ -202,10 +202,18 @@ def summary(run: RunFolder) -> str:
     corrupted = (m.get("robustness") or {}).get("corrupted", {})
     held = (m.get("heldout") or {}).get("corrupted", {})
     mmc = m.get("medmnist_c") or {}
+    served = m.get("submission") or {}
     cards = [card(f"{split} accuracy", pct(scores["accuracy"])) if scores else "",
+             card(f"{split} accuracy, as the zip serves it ({served['views']} views)", pct(served["clean"]))
+             if served else "",
              card(f"{split} macro F1", f"{scores['macro_f1']:.4f}") if scores else "",
              card("held-out corrupted accuracy", pct(held["accuracy"])) if held else "",
+             card(f"held-out, as the zip serves it ({served['views']} views)", pct(served["heldout"]))
+             if served else "",
              card("MedMNIST-C accuracy", pct(mmc["overall"])) if mmc.get("overall") is not None else "",
+             card(f"MedMNIST-C, as the zip serves it ({served['views']} views)",
+                  pct(served["medmnist_c"]["overall"])) if served.get("medmnist_c", {}).get("overall") is not None
+             else "",
              card("in-distribution corrupted accuracy", pct(corrupted["accuracy"])) if corrupted else "",
              card("epochs", fmt(m["epochs"])) if "epochs" in m else "",
              card("training time", duration(m["train_seconds"])) if "train_seconds" in m else ""]

@@ -16,11 +16,11 @@ from .registry import MODELS
 # (column, kind): kind says how it sorts and prints; numbers and dates sort descending, text ascending.
 # heldout: accuracy on corruptions no training setting reaches; leaderboard: the latest score a zip of the run got
 # (python -m trainer score), beside the figure that predicted it; mmc: the mean over MedMNIST-C's 11 bloodmnist
-# corruptions (an external reference); in_dist: on the suite's, mostly seen in training.
+# corruptions (an external reference); in_dist: on the suite's, mostly seen in training. Those are the Keras
+# model's with 1 view; zip_*: the same images through the exported model as the zip serves it, with its TTA views.
 COLUMNS = [("name", "text"), ("date", "date"), ("model", "text"), ("optimizer", "text"), ("notes", "text"),
-           ("epochs", "int"), ("time", "duration"), ("clean", "acc"), ("heldout", "acc"), ("leaderboard", "acc"),
-           ("mmc", "acc"),
-           ("in_dist", "acc"),
+           ("epochs", "int"), ("time", "duration"), ("clean", "acc"), ("zip_clean", "acc"), ("heldout", "acc"),
+           ("zip_heldout", "acc"), ("leaderboard", "acc"), ("mmc", "acc"), ("zip_mmc", "acc"), ("in_dist", "acc"),
            ("f1", "acc"), ("onnx_mb", "mb"), ("projected", "seconds"), ("verdict", "text")]
 KINDS = dict(COLUMNS)
 ALIASES = {"corrupted": "in_dist"}  # the in-distribution column's name before the held-out one came
@@ -132,6 +132,7 @@ def run_row(run_dir: str) -> dict:
     scored = metrics.get("test") or metrics.get("val") or {}
     corrupted = (metrics.get("robustness") or {}).get("corrupted") or {}
     held = (metrics.get("heldout") or {}).get("corrupted") or {}
+    served = metrics.get("submission") or {}
     return {
         "name": os.path.basename(os.path.normpath(run_dir)),
         "date": run_date(run_dir),
@@ -141,9 +142,12 @@ def run_row(run_dir: str) -> dict:
         "epochs": metrics.get("epochs"),
         "time": metrics.get("train_seconds"),
         "clean": scored.get("accuracy"),
+        "zip_clean": served.get("clean"),
         "heldout": held.get("accuracy"),
+        "zip_heldout": served.get("heldout"),
         "leaderboard": latest_score(run_dir),
         "mmc": (metrics.get("medmnist_c") or {}).get("overall"),
+        "zip_mmc": (served.get("medmnist_c") or {}).get("overall"),
         "in_dist": corrupted.get("accuracy"),
         "f1": scored.get("macro_f1"),
         "onnx_mb": onnx_mb(run_dir, metrics),
