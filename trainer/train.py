@@ -423,8 +423,8 @@ def score_submission(cfg: Config, out_dir: str, images: np.ndarray, labels: np.n
     """The run's model.onnx as its zip serves it: submission/model.py with cfg.max_views TTA views (fixed, not
     timed), on the clean images, the held-out copy and MedMNIST-C, with the same seed and images as the 1-view
     figures above, so the two differ only by the views and the runtime."""
-    started = time.perf_counter()
-    for views, model in ev.models_by_views(out_dir, [cfg.max_views], "run_submission"):
+    started, views = time.perf_counter(), cfg.max_views
+    for _, model in ev.models_by_views(out_dir, [views], "run_submission"):
         clean = float((model.predict(images) == labels).mean())
         mixed, _ = heldout.corrupt_mix(images, seed=cfg.seed)
         held = float((model.predict(mixed) == labels).mean())
