@@ -219,10 +219,12 @@ def cmd_runs(args) -> int:
 
 def cmd_score(args) -> int:
     run, entry = leaderboard.record_score(args.zip, args.score, args.note, args.runs_dir, args.run)
-    held = runs.run_row(run)["heldout"]
+    row = runs.run_row(run)
+    held, served = row["heldout"], row["zip_heldout"]
     print(f"recorded leaderboard score {entry['score']:.4f} for {args.zip} (sha256 {entry['zip_sha256'][:12]}...) "
           f"in {os.path.join(run, leaderboard.LEADERBOARD)} (run found: {entry['found_by']}); the run's held-out "
-          f"figure: {'-' if held is None else f'{held:.4f}'}")
+          f"figure: {'-' if held is None else f'{held:.4f}'} with 1 view"
+          + ("" if served is None else f", {served:.4f} as the zip serves it"))
     return 0
 
 
