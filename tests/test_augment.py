@@ -42,6 +42,7 @@ def batch(real_slice):
     (dict(zoom=0.6, black_fill=1.0), 0.4),
     (dict(corrupt=1.0), 0.9),
     (dict(pixmix=1.0), 0.9),
+    (dict(randconv=1.0), 0.9),
 ])
 def test_each_stage_keeps_range_and_changes_images(batch, stage, share):
     cfg = make_config("cpu", **{**OFF, **stage})
@@ -354,3 +355,30 @@ def test_pixmix_keeps_the_cell_by_its_weight_and_touches_only_the_chosen_share(b
     before, after = x.numpy()[changed].reshape(changed.sum(), -1), out[changed].reshape(changed.sum(), -1)
     corr = [np.corrcoef(b, a)[0, 1] for b, a in zip(before, after)]
     assert np.median(corr) > (0.8 if weight <= 0.2 else 0.5), corr
+
+
+def test_randconv_keeps_brightness_filters_texture_and_touches_only_the_chosen_share(batch):
+    cfg = make_config("cpu", **{**OFF, "randconv": 0.5})
+    x = np.concatenate([batch] * 4).astype(np.float32)
+    beyond_colour = []
+    for seed in range(8):  # one kernel per batch: eight batches draw sizes 1 to 7 px
+        tf.random.set_seed(seed)
+        out = augment.randconv(tf.constant(x), cfg).numpy()
+        check_range(out, len(x))
+        moved = np.abs(out - x).reshape(len(x), -1).max(1)
+        assert 0.3 < (moved > 0).mean() < 0.7, "about half the images are filtered, the rest left exactly"
+        changed = moved > 1.0  # a blend that kept nearly all of the original tells nothing about the kernel
+        # The filtered image takes the original's mean before the blend; only clipping at 0 and 255 moves it.
+        shift = np.abs(out[changed].mean(axis=(1, 2, 3)) - x[changed].mean(axis=(1, 2, 3)))
+        assert np.median(shift) < 3.0, shift
+        # How much of each changed image a per-pixel colour matrix (plus offset) of the original explains: all of
+        # it for a 1 px kernel, less once neighbouring pixels are mixed in.
+        unexplained = []
+        for before, after in zip(x[changed], out[changed]):
+            design = np.concatenate([before.reshape(-1, 3), np.ones((96 * 96, 1))], 1)
+            target = after.reshape(-1, 3)
+            residual = target - design @ np.linalg.lstsq(design, target, rcond=None)[0]
+            unexplained.append((residual ** 2).sum() / ((target - target.mean(0)) ** 2).sum())
+        beyond_colour.append(np.median(unexplained))
+    assert min(beyond_colour) < 0.02, "some batch got a 1 px kernel: a colour change alone"
+    assert max(beyond_colour) > 0.1, "some batch got a wider kernel: texture filtered, not only colour"

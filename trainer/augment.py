@@ -199,6 +199,37 @@ def pixmix(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     return tf.tensor_scatter_nd_update(images, rows, tf.clip_by_value(blended, 0.0, 255.0))
 
 
+RANDCONV_SIZES = (1, 3, 5, 7)  # px: the kernel sizes Xu et al. draw from
+
+
+def randconv(images: tf.Tensor, cfg: Config) -> tf.Tensor:
+    """With chance cfg.randconv, mix an image with itself seen through a random convolution (RandConv).
+
+    One kernel per batch, as in the paper: 3 channels in and out, a size drawn from RANDCONV_SIZES, Gaussian weights
+    scaled by 1/sqrt(fan-in). A 1 px kernel is a random colour matrix; a larger one also filters texture at random,
+    edges and grain one way or another, which teaches that no one texture or colour rendering is the cell. The
+    weights are zero-mean, so the filter is no blur: its gain is random at every frequency. The filtered image gets
+    the original's mean and standard deviation (over all channels, so a colour cast survives) before the blend, and
+    borders are reflected so no dark frame appears.
+    """
+    rows = tf.where(tf.random.uniform([tf.shape(images)[0]]) < cfg.randconv)  # (m, 1): only these are filtered
+    picked = tf.gather_nd(images, rows)
+    big = max(RANDCONV_SIZES)
+    size = tf.gather(tf.constant(RANDCONV_SIZES, tf.float32), tf.random.uniform([], 0, len(RANDCONV_SIZES), tf.int32))
+    inside = tf.cast(tf.abs(tf.range(big, dtype=tf.float32) - big // 2) <= (size - 1) / 2, tf.float32)
+    support = (inside[:, None] * inside[None, :])[:, :, None, None]  # the centred size x size square of the 7 x 7
+    kernel = tf.random.normal([big, big, 3, 3]) * support / tf.sqrt(size * size * 3.0)
+    pad = big // 2
+    filtered = tf.nn.conv2d(tf.pad(picked, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT"), kernel, 1,
+                            "VALID")
+    mean, variance = tf.nn.moments(picked, axes=[1, 2, 3], keepdims=True)
+    f_mean, f_variance = tf.nn.moments(filtered, axes=[1, 2, 3], keepdims=True)
+    filtered = mean + (filtered - f_mean) * tf.sqrt(variance / (f_variance + 1e-6))
+    keep = tf.random.uniform([tf.shape(rows)[0], 1, 1, 1])
+    mixed = keep * picked + (1 - keep) * filtered
+    return tf.tensor_scatter_nd_update(images, rows, tf.clip_by_value(mixed, 0.0, 255.0))
+
+
 # ---- corruption stage: the pseudo-private test's families, at random strengths, inside tf.data ----------
 # Each op takes a float batch and a per-image strength s in [0, 1] (1 = the suite's severity 5).
 
@@ -357,7 +388,7 @@ OP_FAMILY = {"_gaussian_noise": "noise", "_salt_pepper": "noise", "_brightness":
              "_pixelate": "compression", "_jpeg": "compression", "_grid_mask": "occlusion", "_patches": "occlusion",
              "_zoom": "geometry", "_blur": "blur"}
 FAMILY_FIELDS = {"geometry": ("flip", "rot90", "rotation", "zoom", "shift", "shear", "black_fill"),
-                 "colour": ("contrast", "brightness", "saturation", "hue"), "noise": ("noise_std",),
+                 "colour": ("contrast", "brightness", "saturation", "hue", "randconv"), "noise": ("noise_std",),
                  "blur": ("blur",), "occlusion": ("erase",)}
 RANDAUGMENT_GEOMETRY = ("RandomShear", "RandomTranslation")  # the rest of its transforms change colour
 RANDAUGMENT_STDDEV = 0.15  # keras-cv RandAugment's default magnitude_stddev, which make_randaugment keeps
@@ -482,6 +513,8 @@ def augment_batch(images: tf.Tensor, cfg: Config, randaugment=None) -> tf.Tensor
         images = blur(images, cfg)
     if cfg.erase > 0:
         images = erase(images, cfg)
+    if cfg.randconv > 0:
+        images = randconv(images, cfg)
     if cfg.pixmix > 0:
         images = pixmix(images, cfg)
     if cfg.corrupt > 0:

@@ -108,6 +108,10 @@ class Config:
                            off=0.0)
     pixmix_weight: float = option(0.5, "most weight a PixMix picture gets in the blend (drawn uniformly up to "
                                   "this)", TRANSFORMS, low=0.0, high=1.0, off=0.0)
+    randconv: float = option(0.0, "chance an image is mixed with itself seen through a random convolution (after "
+                             "RandConv, Xu et al., ICLR 2021): a 1, 3, 5 or 7 px kernel with Gaussian weights, new "
+                             "each batch, brightness and contrast kept, the original's weight uniform in [0, 1]; "
+                             "0 = off", TRANSFORMS, low=0.0, high=1.0, off=0.0)
     mixup_alpha: float = option(0.0, "mixup Beta(alpha, alpha) mixing; 0 = off", TRANSFORMS, low=0.0, high=10.0,
                                 off=0.0)
     cutmix_alpha: float = option(0.0, "CutMix Beta(alpha, alpha) patch mixing; 0 = off", TRANSFORMS, low=0.0,

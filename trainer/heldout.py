@@ -22,6 +22,8 @@ TRAINING_OPS = {
     "colour": (("contrast", "brightness", "saturation", "hue", "gaussian_noise"),
                "--contrast --brightness --saturation --hue --noise-std"),
     "blur": (("gaussian_blur",), "--blur"),
+    # A random colour matrix, and for kernels over 1 px random texture filtering with zero-mean weights: no blur.
+    "randconv": (("channel_swap", "hue", "saturation"), "--randconv"),
     "erase": (("patches",), "--erase"),
     "mix": ((), "--mixup-alpha --cutmix-alpha"),  # blends two cells and their labels: no suite corruption
     # Blends in a random 1/f texture: no suite corruption by kind, though its darker blends look a little like
@@ -53,6 +55,7 @@ STAGE_FLAGS = {
     "shear": ("shear",), "black_fill": ("rotate", "zoom", "shift", "shear"),
     "contrast": ("contrast",), "brightness": ("brightness",), "saturation": ("saturation",), "hue": ("hue",),
     "noise_std": ("gaussian_noise",), "blur": ("gaussian_blur",), "erase": ("patches",),
+    "randconv": ("channel_swap", "hue", "saturation"),
 }
 RANDAUGMENT_LAYERS = {  # keras-cv class: what it does to a cell, as the suite names it
     "AutoContrast": ("contrast",), "Equalization": ("contrast",), "Solarization": ("brightness",),
