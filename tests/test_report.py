@@ -230,9 +230,11 @@ def test_runs_sort_and_markdown(runs_dir):
 def test_notes_give_the_flags_that_set_a_run_apart_from_its_profile():
     def notes(**overrides):
         return runs.notes(dataclasses.asdict(make_config("cpu", **overrides)), {"test": {}})
-    assert notes(seed=7, epochs=30, time_budget_min=0.0) == "erase 0.5", "only augmentation settings are named"
-    text = notes(corrupt_blur=3.0, corrupt_jpeg=False, erase_fill="extremes", erase=0.3)
-    assert text.split(", ") == ["erase 0.3", "--erase-fill extremes", "--corrupt-jpeg false", "--corrupt-blur 3"]
+    assert notes(seed=7, epochs=30, time_budget_min=0.0) == "erase 0.5", "training settings are not named"
+    text = notes(corrupt_blur=3.0, corrupt_jpeg=False, erase_fill="extremes", erase=0.3, blur_pool=True, width=48)
+    assert text.split(", ") == ["erase 0.3", "--erase-fill extremes", "--corrupt-jpeg false", "--corrupt-blur 3",
+                                "--width 48", "--blur-pool true"]
+    assert notes(model="resnet50", weights="imagenet") == "erase 0.5", "the model column names these"
     # A profile that no longer exists has nothing to differ from.
     retired = {**dataclasses.asdict(make_config("cpu", corrupt_blur=3.0)), "profile": "retired"}
     assert runs.profile_changes(retired) == [] and runs.notes(retired, {"test": {}}) == "erase 0.5"

@@ -9,7 +9,7 @@ import re
 import time
 from dataclasses import fields
 
-from .config import GEOMETRY, PROFILES, TRANSFORMS, Config, flag, make_config
+from .config import GEOMETRY, MODEL, PROFILES, TRANSFORMS, Config, flag, make_config
 from .leaderboard import latest_score
 from .registry import MODELS
 
@@ -67,14 +67,19 @@ def _flag_value(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+# The model column names the architecture; a weights path would swamp the notes.
+UNNAMED = LABELLED + ("model", "weights")
+
+
 def profile_changes(cfg: dict) -> list[str]:
-    """The augmentation settings in which a run differs from its profile as that profile is today, as the flags
-    that turn today's profile into the run's ("--corrupt-blur 3"); none when the profile no longer exists."""
+    """The augmentation and model settings in which a run differs from its profile as that profile is today, as
+    the flags that turn today's profile into the run's ("--corrupt-blur 3", "--blur-pool true"); none when the
+    profile no longer exists."""
     if cfg.get("profile") not in PROFILES:
         return []
     today = make_config(cfg["profile"])
     return [f"{flag(f.name)} {_flag_value(cfg[f.name])}" for f in fields(Config)
-            if f.metadata["group"] in (GEOMETRY, TRANSFORMS) and f.name not in LABELLED and f.name in cfg
+            if f.metadata["group"] in (GEOMETRY, TRANSFORMS, MODEL) and f.name not in UNNAMED and f.name in cfg
             and cfg[f.name] != getattr(today, f.name)]
 
 
