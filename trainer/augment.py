@@ -184,19 +184,26 @@ def structured_pictures(n, size: int) -> tf.Tensor:
     return tf.image.resize(pictures, [size, size], method="bilinear")
 
 
+def on_a_share(images: tf.Tensor, chance: float, transform) -> tf.Tensor:
+    """transform(picked) in place of each image picked with this chance, clipped to 0-255; the rest untouched.
+    Only the picked images pay for the transform."""
+    rows = tf.where(tf.random.uniform([tf.shape(images)[0]]) < chance)  # (m, 1)
+    changed = transform(tf.gather_nd(images, rows))
+    return tf.tensor_scatter_nd_update(images, rows, tf.clip_by_value(changed, 0.0, 255.0))
+
+
 def pixmix(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     """With chance cfg.pixmix, blend an image with a structured picture: added (a weighted mean) or multiplied (a
     weighted geometric mean) in, half the time each, the picture's weight uniform up to cfg.pixmix_weight."""
-    rows = tf.where(tf.random.uniform([tf.shape(images)[0]]) < cfg.pixmix)  # (m, 1): only these pay for a picture
-    picked = tf.gather_nd(images, rows)
-    m = tf.shape(rows)[0]
-    pictures = structured_pictures(m, images.shape[1] or tf.shape(images)[1])
-    weight = tf.random.uniform([m, 1, 1, 1], 0.0, cfg.pixmix_weight)
-    added = picked * (1 - weight) + 255.0 * pictures * weight
-    unit = tf.clip_by_value(picked / 255.0, 1e-3, 1.0)
-    multiplied = 255.0 * unit ** (1 - weight) * tf.maximum(pictures, 1e-3) ** weight
-    blended = tf.where(tf.random.uniform([m, 1, 1, 1]) < 0.5, multiplied, added)
-    return tf.tensor_scatter_nd_update(images, rows, tf.clip_by_value(blended, 0.0, 255.0))
+    def blend(picked):
+        m = tf.shape(picked)[0]
+        pictures = structured_pictures(m, images.shape[1] or tf.shape(images)[1])
+        weight = tf.random.uniform([m, 1, 1, 1], 0.0, cfg.pixmix_weight)
+        added = picked * (1 - weight) + 255.0 * pictures * weight
+        unit = tf.clip_by_value(picked / 255.0, 1e-3, 1.0)
+        multiplied = 255.0 * unit ** (1 - weight) * tf.maximum(pictures, 1e-3) ** weight
+        return tf.where(tf.random.uniform([m, 1, 1, 1]) < 0.5, multiplied, added)
+    return on_a_share(images, cfg.pixmix, blend)
 
 
 RANDCONV_SIZES = (1, 3, 5, 7)  # px: the kernel sizes Xu et al. draw from
@@ -212,22 +219,22 @@ def randconv(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     the original's mean and standard deviation (over all channels, so a colour cast survives) before the blend, and
     borders are reflected so no dark frame appears.
     """
-    rows = tf.where(tf.random.uniform([tf.shape(images)[0]]) < cfg.randconv)  # (m, 1): only these are filtered
-    picked = tf.gather_nd(images, rows)
-    big = max(RANDCONV_SIZES)
-    size = tf.gather(tf.constant(RANDCONV_SIZES, tf.float32), tf.random.uniform([], 0, len(RANDCONV_SIZES), tf.int32))
-    inside = tf.cast(tf.abs(tf.range(big, dtype=tf.float32) - big // 2) <= (size - 1) / 2, tf.float32)
-    support = (inside[:, None] * inside[None, :])[:, :, None, None]  # the centred size x size square of the 7 x 7
-    kernel = tf.random.normal([big, big, 3, 3]) * support / tf.sqrt(size * size * 3.0)
-    pad = big // 2
-    filtered = tf.nn.conv2d(tf.pad(picked, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT"), kernel, 1,
-                            "VALID")
-    mean, variance = tf.nn.moments(picked, axes=[1, 2, 3], keepdims=True)
-    f_mean, f_variance = tf.nn.moments(filtered, axes=[1, 2, 3], keepdims=True)
-    filtered = mean + (filtered - f_mean) * tf.sqrt(variance / (f_variance + 1e-6))
-    keep = tf.random.uniform([tf.shape(rows)[0], 1, 1, 1])
-    mixed = keep * picked + (1 - keep) * filtered
-    return tf.tensor_scatter_nd_update(images, rows, tf.clip_by_value(mixed, 0.0, 255.0))
+    def filter_and_blend(picked):
+        big = max(RANDCONV_SIZES)
+        size = tf.gather(tf.constant(RANDCONV_SIZES, tf.float32),
+                         tf.random.uniform([], 0, len(RANDCONV_SIZES), tf.int32))
+        inside = tf.cast(tf.abs(tf.range(big, dtype=tf.float32) - big // 2) <= (size - 1) / 2, tf.float32)
+        support = (inside[:, None] * inside[None, :])[:, :, None, None]  # the centred size x size square of 7 x 7
+        kernel = tf.random.normal([big, big, 3, 3]) * support / tf.sqrt(size * size * 3.0)
+        pad = big // 2
+        filtered = tf.nn.conv2d(tf.pad(picked, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT"), kernel,
+                                1, "VALID")
+        mean, variance = tf.nn.moments(picked, axes=[1, 2, 3], keepdims=True)
+        f_mean, f_variance = tf.nn.moments(filtered, axes=[1, 2, 3], keepdims=True)
+        filtered = mean + (filtered - f_mean) * tf.sqrt(variance / (f_variance + 1e-6))
+        keep = tf.random.uniform([tf.shape(picked)[0], 1, 1, 1])
+        return keep * picked + (1 - keep) * filtered
+    return on_a_share(images, cfg.randconv, filter_and_blend)
 
 
 # ---- corruption stage: the pseudo-private test's families, at random strengths, inside tf.data ----------
