@@ -235,6 +235,7 @@ def test_notes_give_the_flags_that_set_a_run_apart_from_its_profile():
     assert text.split(", ") == ["erase 0.3", "--erase-fill extremes", "--corrupt-jpeg false", "--corrupt-blur 3",
                                 "--width 48", "--blur-pool true"]
     assert notes(model="resnet50", weights="imagenet") == "erase 0.5", "the model column names these"
+    assert notes(schedule="cosine", swa=0.25) == "erase 0.5, swa 0.25 at 0.1x lr"
     # A profile that no longer exists has nothing to differ from.
     retired = {**dataclasses.asdict(make_config("cpu", corrupt_blur=3.0)), "profile": "retired"}
     assert runs.profile_changes(retired) == [] and runs.notes(retired, {"test": {}}) == "erase 0.5"

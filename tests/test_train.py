@@ -551,3 +551,95 @@ def test_mixed_precision_model_becomes_float32_with_the_same_weights():
         np.testing.assert_array_equal(a, b)
     x = np.random.default_rng(0).uniform(0, 255, (4, 96, 96, 3)).astype(np.float32)
     np.testing.assert_allclose(plain.predict(x, verbose=0), mixed.predict(x, verbose=0), atol=0.05)
+
+
+def test_swa_schedule_decays_to_its_rate_then_holds_it_while_averaging():
+    from trainer.callbacks import CosineDecay, EpochClock
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(optimizer=keras.optimizers.Adam(0.1), loss="mse")
+    cosine = CosineDecay(0.1, 8, EpochClock(0.0), tail=0.25, tail_lr=0.2)
+    cosine.set_model(model)
+    rates, averaging = [], []
+    for epoch in range(8):
+        cosine.on_epoch_begin(epoch)
+        rates.append(float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)))
+        averaging.append(cosine.averaging)
+    assert averaging == [False] * 6 + [True] * 2  # the last quarter of 8 epochs
+    assert rates[0] == pytest.approx(0.1)
+    assert all(a > b > 0.02 for a, b in zip(rates[:5], rates[1:6]))  # decays towards 0.2 x 0.1 ...
+    assert rates[6:] == pytest.approx([0.02, 0.02])  # ... and holds it in the tail
+    assert rates[3] == pytest.approx(0.02 + 0.08 * 0.5 * (1 + np.cos(np.pi * 3 / 6)))
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_weight_average_is_the_mean_of_every_tail_step_across_a_resume(tmp_path):
+    """--swa: the saved mean is that of the weights after each step of the tail, also when the process dies in
+    the tail and a new one resumes from the backup."""
+    from trainer.callbacks import AVERAGE_FILE, CosineDecay, WeightAverage, callbacks_for, load_average
+    from trainer.config import make_config
+    cfg = make_config("smoke", schedule="cosine", swa=0.5, swa_lr=0.5)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(24, 4)).astype("float32"), rng.normal(size=(24, 2)).astype("float32")
+    seen = []  # weights after every step that the tail averages, in both processes
+
+    class Record(keras.callbacks.Callback):
+        def __init__(self, cosine, kill_at=None):
+            super().__init__()
+            self.cosine, self.kill_at = cosine, kill_at
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == self.kill_at:
+                raise _Killed
+
+        def on_train_batch_end(self, batch, logs=None):
+            if self.cosine.averaging:
+                seen.append([w.copy() for w in self.model.get_weights()])
+
+    def train(kill_at=None):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.BatchNormalization(),
+                                  keras.layers.Dense(2)])
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse", metrics=["accuracy"])
+        callbacks = callbacks_for(cfg, str(tmp_path), 0.0, 0.01, 6)
+        cosine = next(c for c in callbacks if isinstance(c, CosineDecay))
+        assert any(isinstance(c, WeightAverage) for c in callbacks)
+        model.fit(x, y, batch_size=8, validation_data=(x, y), epochs=6, verbose=0,
+                  callbacks=callbacks + [Record(cosine, kill_at)])
+
+    with pytest.raises(_Killed):
+        train(kill_at=4)  # the tail is epochs 4-6 (1-based); it dies as epoch 5 begins
+    assert load_average(str(tmp_path / AVERAGE_FILE))[1:] == (3, [4])
+    train()
+    mean, steps, epochs = load_average(str(tmp_path / AVERAGE_FILE))
+    assert (steps, epochs) == (9, [4, 5, 6]) and len(seen) == 9  # 3 epochs of 3 steps, none counted twice
+    for got, *after_each_step in zip(mean, *seen):
+        np.testing.assert_allclose(got, np.mean(after_each_step, axis=0), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(seen[0][0], seen[-1][0])  # the weights moved: the mean is not any one step's
+
+
+def test_swa_run_keeps_the_averaged_weights(tmp_path, real_slice, capsys):
+    from trainer.callbacks import AVERAGE_FILE, load_average
+    from trainer.config import make_config
+    from trainer.train import fit
+    cfg = make_config("smoke", epochs=4, steps_per_epoch=2, batch_size=8, verbose=0, schedule="cosine", swa=0.5)
+    images, labels = real_slice
+    model, _ = fit(cfg, str(tmp_path), images, labels, np.arange(32), np.arange(32, 48), deadline=0.0)
+    mean, steps, epochs = load_average(str(tmp_path / "phase_train" / AVERAGE_FILE))
+    assert (steps, epochs) == (4, [3, 4])
+    assert "the mean of the weights after 4 steps (epochs 3-4)" in capsys.readouterr().out
+    done = json.loads((tmp_path / "phase_train" / "done.json").read_text())
+    assert done["averaged_steps"] == 4 and done["averaged_epochs"] == [3, 4]
+    trainable = [(v, m) for v, m in zip(model.weights, mean) if v.trainable]
+    assert len(trainable) == len(model.trainable_weights)
+    for variable, want in trainable:  # precise BN moves only the statistics
+        np.testing.assert_allclose(np.asarray(variable), want, rtol=1e-6)
+
+
+def test_swa_needs_the_cosine_schedule():
+    from trainer.config import make_config, validate
+    with pytest.raises(ValueError, match="--swa .*--schedule cosine"):
+        validate(make_config("smoke", schedule="plateau", swa=0.25))
+    validate(make_config("smoke", schedule="cosine", swa=0.25))

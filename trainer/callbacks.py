@@ -1,4 +1,4 @@
-"""Keras callbacks of a training phase (best weights, time budget, cosine decay, resolution) and their clocks."""
+"""Keras callbacks of a training phase (best weights, time budget, cosine decay, weight averaging, resolution)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,7 @@ import os
 import time
 
 import keras
+import numpy as np
 
 from . import files
 from .config import Config
@@ -22,10 +23,10 @@ def budget_spent(deadline: float, budget_min: float) -> float:
     return (time.time() - (deadline - budget_s)) / budget_s
 
 
-def cosine_rate(base_lr: float, epoch: int, last_epoch: int) -> float:
-    """Half a cosine from base_lr at epoch 0 down to base_lr / 1000 at last_epoch and after."""
-    progress = min(1.0, epoch / max(1, last_epoch))
-    return max(base_lr * 0.5 * (1 + math.cos(math.pi * progress)), base_lr * 1e-3)
+def cosine_rate(base_lr: float, epoch: float, last_epoch: float, floor: float = 0.0) -> float:
+    """Half a cosine from base_lr at epoch 0 down to floor (at least base_lr / 1000) at last_epoch and after."""
+    progress = min(1.0, epoch / last_epoch) if last_epoch > 0 else 1.0
+    return max(floor + (base_lr - floor) * 0.5 * (1 + math.cos(math.pi * progress)), base_lr * 1e-3)
 
 
 class EpochClock:
@@ -154,25 +155,82 @@ class CosineDecay(keras.callbacks.Callback):
 
     Measured epoch times set the horizon, so a slow or shared machine still ends on a small learning rate instead
     of being cut off at a large one. by_time: the horizon is the budget itself (epochs change cost when the
-    resolution switches, so an epoch count would put it in the wrong place).
+    resolution switches, so an epoch count would put it in the wrong place). tail > 0 (weight averaging): the
+    cosine reaches tail_lr * base_lr at 1 - tail of the horizon and holds there; `averaging` says whether the
+    current epoch is in that tail.
     """
 
-    def __init__(self, base_lr: float, epochs: int, clock: EpochClock, progress: Progress | None = None):
+    def __init__(self, base_lr: float, epochs: int, clock: EpochClock, progress: Progress | None = None,
+                 tail: float = 0.0, tail_lr: float = 0.0):
         super().__init__()
         self.base_lr, self.epochs, self.clock, self.by_time = base_lr, epochs, clock, progress
-        self.rate = base_lr
+        self.tail, self.tail_rate = tail, tail_lr * base_lr
+        self.rate, self.averaging = base_lr, False
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.by_time is not None:
-            self.rate = cosine_rate(self.base_lr, self.by_time(epoch), 1.0)  # holds at the floor past 1
+            progress = self.by_time(epoch)  # holds at the floor past 1
         else:
-            last = min(self.epochs, epoch + self.clock.epochs_left())
-            self.rate = cosine_rate(self.base_lr, epoch, last)
+            progress = epoch / max(1, min(self.epochs, epoch + self.clock.epochs_left()))
+        # Once in the tail it stays there: a machine that speeds up moves the horizon out, which must not stop
+        # the averaging half way and send the rate back up the cosine.
+        self.averaging = self.averaging or (self.tail > 0 and progress >= 1 - self.tail)
+        if self.averaging:
+            self.rate = self.tail_rate
+        elif self.tail > 0:
+            self.rate = cosine_rate(self.base_lr, progress, 1 - self.tail, floor=self.tail_rate)
+        else:
+            self.rate = cosine_rate(self.base_lr, progress, 1.0)
         self.model.optimizer.learning_rate = self.rate
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["learning_rate"] = self.rate  # for the CSV history, as ReduceLROnPlateau does
+
+
+AVERAGE_FILE = "average.npz"
+
+
+def load_average(path: str) -> tuple[list[np.ndarray], int, list[int]]:
+    """A phase's weight average on disk: the mean weights (in model.get_weights() order), steps and epochs."""
+    with np.load(path) as data:
+        n = sum(1 for key in data.files if key.startswith("w"))
+        return [data[f"w{i}"] for i in range(n)], int(data["steps"]), [int(e) for e in data["epochs"]]
+
+
+class WeightAverage(keras.callbacks.Callback):
+    """The mean of the weights after every training step in the schedule's averaging tail (stochastic weight
+    averaging), saved at each epoch end so that a resumed phase goes on with it.
+
+    Listed after BackupAndRestore: a process killed between the two saves loses that epoch's steps from the mean
+    (the backup has them), never counts one twice. BatchNorm statistics are averaged too, but they do not belong
+    to the mean weights; precise BatchNorm recomputes them after training.
+    """
+
+    def __init__(self, phase_dir: str, schedule: CosineDecay):
+        super().__init__()
+        self.path, self.schedule = os.path.join(phase_dir, AVERAGE_FILE), schedule
+        self.mean, self.steps, self.epochs = None, 0, []
+        if os.path.exists(self.path):
+            mean, self.steps, self.epochs = load_average(self.path)
+            self.mean = [m.astype(np.float64) for m in mean]
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self.schedule.averaging:
+            return
+        weights = self.model.get_weights()
+        self.steps += 1
+        if self.mean is None:
+            self.mean = [w.astype(np.float64) for w in weights]
+            return
+        for mean, w in zip(self.mean, weights):
+            mean += (w - mean) / self.steps
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.schedule.averaging and self.mean is not None:
+            self.epochs.append(epoch + 1)
+            files.save_npz(self.path, steps=np.array(self.steps), epochs=np.array(self.epochs),
+                           **{f"w{i}": mean.astype(np.float32) for i, mean in enumerate(self.mean)})
 
 
 def callbacks_for(cfg: Config, phase_dir: str, deadline: float, base_lr: float, epochs: int,
@@ -181,10 +239,14 @@ def callbacks_for(cfg: Config, phase_dir: str, deadline: float, base_lr: float, 
     clock = EpochClock(deadline)
     progress = Progress(deadline, cfg.time_budget_min, epochs)
     budget = TimeBudget(clock, epochs, on_epoch_end, forecast_epoch=None if size is not None else 0)
-    before, after = [], []
+    before, after, averaging = [], [], []
     if cfg.schedule == "cosine":
         # First, so that its learning_rate is in the logs when CSVLogger writes them.
-        before.append(CosineDecay(base_lr, epochs, clock, progress if size is not None and deadline else None))
+        cosine = CosineDecay(base_lr, epochs, clock, progress if size is not None and deadline else None,
+                             tail=cfg.swa, tail_lr=cfg.swa_lr)
+        before.append(cosine)
+        if cfg.swa:
+            averaging.append(WeightAverage(phase_dir, cosine))
     else:  # plateau
         after = [keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=cfg.patience,
                                                restore_best_weights=True),
@@ -192,6 +254,6 @@ def callbacks_for(cfg: Config, phase_dir: str, deadline: float, base_lr: float, 
                                                    patience=cfg.lr_patience, min_lr=1e-7, verbose=1)]
     if size is not None:
         before.append(Resolution(size, cfg.low_res_size, cfg.low_res_share, progress, budget))
-    return before + [keras.callbacks.BackupAndRestore(os.path.join(phase_dir, "backup")),
-                     keras.callbacks.CSVLogger(os.path.join(phase_dir, "history.csv"), append=True),
-                     BestWeights(phase_dir), budget] + after
+    return before + [keras.callbacks.BackupAndRestore(os.path.join(phase_dir, "backup"))] + averaging + \
+        [keras.callbacks.CSVLogger(os.path.join(phase_dir, "history.csv"), append=True), BestWeights(phase_dir),
+         budget] + after

@@ -172,6 +172,12 @@ class Config:
                                 "each image (Hendrycks et al., AugMix, ICLR 2020); a batch then holds batch_size/2 "
                                 "images twice, so an epoch costs about twice the time; 0 = off", TRAINING,
                                 low=0.0, high=50.0)
+    swa: float = option(0.0, "stochastic weight averaging (Izmailov et al., UAI 2018), every step as in SWAD "
+                        "(Cha et al., NeurIPS 2021): for this last share of the cosine schedule the learning rate "
+                        "holds at --swa-lr and the model kept is the mean of the weights after each step there, "
+                        "instead of the best epoch's; 0 = off", TRAINING, low=0.0, high=0.9)
+    swa_lr: float = option(0.1, "the learning rate held while --swa averages the weights, as a share of the "
+                           "phase's learning rate; the cosine before it decays to this", TRAINING, low=0.0, high=1.0)
     mixed_precision: bool = option(False, "float16 on a GPU, bfloat16 on a CPU with AMX/AVX512-BF16, else off",
                                    TRAINING)
     xla: bool = option(False, "XLA-compile the training step (GPU only)", TRAINING)
@@ -303,6 +309,9 @@ def validate(cfg: Config, given=()) -> list[str]:
         if cfg.batch_size < 4 or cfg.batch_size % 2:
             raise ValueError(f"--consistency needs an even batch_size of at least 4 (two views of batch_size/2 "
                              f"images), got {cfg.batch_size}")
+    if cfg.swa and cfg.schedule != "cosine":
+        raise ValueError(f"--swa averages the weights of the cosine schedule's tail; use --schedule cosine with it, "
+                         f"or --swa 0 (the {cfg.schedule} schedule has no tail to average)")
     if cfg.low_res_size:
         if not 32 <= cfg.low_res_size < 96:
             raise ValueError(f"low_res_size is {cfg.low_res_size}; use a size from 32 to 95 (64 is 1.9x cheaper "

@@ -105,6 +105,8 @@ def notes(cfg: dict, metrics: dict) -> str:
     spec = MODELS.get(cfg.get("model", ""))
     if cfg.get("fine_tune_epochs") and spec is not None and spec.fine_tunable:
         out.append(f"fine-tune {cfg['fine_tune_epochs']}")
+    if cfg.get("swa"):
+        out.append(f"swa {cfg['swa']:g} at {cfg.get('swa_lr', 0):g}x lr")
     if cfg.get("limit"):
         out.append(f"limit {cfg['limit']}")
     if cfg and not metrics:

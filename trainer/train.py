@@ -192,7 +192,7 @@ def fit(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray, train
     import tensorflow as tf
 
     from .augment import eval_dataset, images_per_step, train_dataset
-    from .callbacks import EpochClock, callbacks_for
+    from .callbacks import AVERAGE_FILE, EpochClock, callbacks_for, load_average
     from .models import build_model, unfreeze
 
     strategy, n_gpus = hardware_strategy(cfg)
@@ -227,7 +227,7 @@ def fit(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray, train
                           metrics=["accuracy"], jit_compile=jit)
         best = os.path.join(phase_dir, "best.weights.h5")
         if os.path.exists(done):
-            log(f"phase {phase}: already done, loading its best weights")
+            log(f"phase {phase}: already done, loading its " + ("averaged" if cfg.swa else "best") + " weights")
         elif EpochClock(deadline).epochs_left() < 1 and os.path.exists(best):
             log(f"phase {phase}: the time budget is already spent; keeping the best weights so far")
         else:
@@ -239,7 +239,17 @@ def fit(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray, train
                       callbacks=callbacks_for(cfg, phase_dir, deadline, lr, epochs, on_epoch_end, size)
                       + extra_callbacks,
                       class_weight=weights, verbose=verbose)
-        if os.path.exists(best):
+        average, averaged = os.path.join(phase_dir, AVERAGE_FILE), {}
+        if cfg.swa and os.path.exists(average):
+            mean, steps_averaged, epochs_averaged = load_average(average)
+            model.set_weights(mean)
+            averaged = {"averaged_steps": steps_averaged, "averaged_epochs": epochs_averaged}
+            log(f"weight averaging: the mean of the weights after {steps_averaged} steps (epochs "
+                f"{epochs_averaged[0]}-{epochs_averaged[-1]}) replaces the best epoch's")
+        elif os.path.exists(best):
+            if cfg.swa:
+                log(f"weight averaging: training stopped before the last {cfg.swa:.0%} of its schedule, so nothing "
+                    "was averaged; keeping the best epoch's weights")
             with warnings.catch_warnings():
                 # The file holds the optimizer's state too; only the model's weights are wanted, so a fresh
                 # optimizer that has not built its variables yet is expected to skip it.
@@ -250,7 +260,7 @@ def fit(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray, train
             if os.path.exists(best):
                 with open(os.path.join(phase_dir, "best.json")) as fh:
                     state = json.load(fh)
-            files.write_json(done, state)
+            files.write_json(done, {**state, **averaged})
         for k, v in read_history(os.path.join(phase_dir, "history.csv")).items():
             history.setdefault(k, []).extend(v)
     if size is not None:
