@@ -225,9 +225,10 @@ def fit(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray, train
         with strategy.scope():
             model.compile(optimizer=make_optimizer(cfg.optimizer, lr, cfg.weight_decay), loss=loss,
                           metrics=["accuracy"], jit_compile=jit)
-        best = os.path.join(phase_dir, "best.weights.h5")
+        best, average = os.path.join(phase_dir, "best.weights.h5"), os.path.join(phase_dir, AVERAGE_FILE)
         if os.path.exists(done):
-            log(f"phase {phase}: already done, loading its " + ("averaged" if cfg.swa else "best") + " weights")
+            kept = "averaged" if cfg.swa and os.path.exists(average) else "best"
+            log(f"phase {phase}: already done, loading its {kept} weights")
         elif EpochClock(deadline).epochs_left() < 1 and os.path.exists(best):
             log(f"phase {phase}: the time budget is already spent; keeping the best weights so far")
         else:
@@ -239,7 +240,7 @@ def fit(cfg: Config, out_dir: str, images: np.ndarray, labels: np.ndarray, train
                       callbacks=callbacks_for(cfg, phase_dir, deadline, lr, epochs, on_epoch_end, size)
                       + extra_callbacks,
                       class_weight=weights, verbose=verbose)
-        average, averaged = os.path.join(phase_dir, AVERAGE_FILE), {}
+        averaged = {}
         if cfg.swa and os.path.exists(average):
             mean, steps_averaged, epochs_averaged = load_average(average)
             model.set_weights(mean)
