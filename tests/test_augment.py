@@ -43,6 +43,7 @@ def batch(real_slice):
     (dict(corrupt=1.0), 0.9),
     (dict(pixmix=1.0), 0.9),
     (dict(randconv=1.0), 0.9),
+    (dict(augmix=1.0), 0.8),
 ])
 def test_each_stage_keeps_range_and_changes_images(batch, stage, share):
     cfg = make_config("cpu", **{**OFF, **stage})
@@ -382,3 +383,49 @@ def test_randconv_keeps_brightness_filters_texture_and_touches_only_the_chosen_s
         beyond_colour.append(np.median(unexplained))
     assert min(beyond_colour) < 0.02, "some batch got a 1 px kernel: a colour change alone"
     assert max(beyond_colour) > 0.1, "some batch got a wider kernel: texture filtered, not only colour"
+
+
+@pytest.mark.parametrize("op", augment.AUGMIX_OPS)
+def test_augmix_ops_each_do_their_one_job_and_minus_one_leaves_an_image_alone(batch, op):
+    x = np.concatenate([batch[:8]] * 2).astype(np.float32)
+    ops = np.array([augment.AUGMIX_OPS.index(op)] * 8 + [-1] * 8, np.int32)
+    tf.random.set_seed(0)
+    out = augment._augmix_step(tf.constant(x), tf.constant(ops)).numpy()
+    np.testing.assert_array_equal(out[8:], x[8:])
+    done, before = out[:8], x[:8]
+    assert all(np.abs(d - b).max() > 1.0 for d, b in zip(done, before)), f"{op} left an image as it was"
+    if op == "autocontrast":
+        assert np.allclose(done.min(axis=(1, 2)), 0.0) and np.allclose(done.max(axis=(1, 2)), 255.0)
+    if op == "equalize":  # a flatter histogram: each quarter of the range nearer a quarter of the pixels
+        def unevenness(images):
+            channels = images.transpose(0, 3, 1, 2).reshape(-1, 96 * 96)
+            quarters = np.stack([np.histogram(c, bins=4, range=(0, 256))[0] for c in channels]) / (96 * 96)
+            return np.abs(quarters - 0.25).max(1)
+        after, was = unevenness(done), unevenness(before)
+        assert np.all(after < was) and np.median(after) < 0.1, (after, was)
+    if op == "solarize":  # the brightest pixels are inverted, the dark ones (the cell's nucleus) kept
+        dark = before < 150
+        np.testing.assert_array_equal(done[dark], before[dark])
+    if op in ("rotate", "shear_x", "shear_y", "translate_x", "translate_y"):  # moved, not recoloured
+        assert np.abs(done.mean(axis=(1, 2, 3)) - before.mean(axis=(1, 2, 3))).max() < 6.0
+        most = augment.AUGMIX_SEVERITY * augment.AUGMIX_MOST["translate"] * 96
+        if op == "translate_x":  # each row is the original's, shifted by a whole or part pixel along x
+            shifts = [min(range(-12, 13), key=lambda s: np.abs(np.roll(b, s, axis=1)[:, 16:80] - d[:, 16:80]).mean())
+                      for b, d in zip(before, done)]
+            assert all(abs(s) <= most + 1 for s in shifts) and any(s != 0 for s in shifts), shifts
+
+
+def test_augmix_blends_chains_into_the_chosen_share_only(batch):
+    cfg = make_config("cpu", **{**OFF, "augmix": 0.5})
+    x = np.concatenate([batch] * 4).astype(np.float32)
+    tf.random.set_seed(3)
+    out = augment.augmix(tf.constant(x), cfg).numpy()
+    check_range(out, len(x))
+    moved = np.abs(out - x).reshape(len(x), -1).max(1)
+    assert 0.3 < (moved > 0).mean() < 0.7, "about half the images are mixed, the rest left exactly"
+    # A mix of up to three chains and the image itself keeps the cell where it was: the blend correlates with the
+    # original far more than a cell correlates with another cell.
+    changed = moved > 1.0
+    corr = [np.corrcoef(b.ravel(), a.ravel())[0, 1] for b, a in zip(x[changed], out[changed])]
+    others = [np.corrcoef(b.ravel(), a.ravel())[0, 1] for b, a in zip(x[changed], np.roll(x, 1, axis=0)[changed])]
+    assert np.median(corr) > 0.6 and np.median(corr) > np.median(others) + 0.3, (np.median(corr), np.median(others))

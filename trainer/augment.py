@@ -1,4 +1,4 @@
-"""tf.data input pipelines: geometry, RandAugment, colour, blur, erasing, PixMix, corruptions, then MixUp/CutMix."""
+"""tf.data input pipelines: geometry, RandAugment, AugMix, colour, blur, erasing, PixMix, corruptions, MixUp."""
 from __future__ import annotations
 
 import dataclasses
@@ -237,6 +237,90 @@ def randconv(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     return on_a_share(images, cfg.randconv, filter_and_blend)
 
 
+AUGMIX_WIDTH = 3  # chains mixed per image, as in AugMix
+AUGMIX_DEPTH = 3  # a chain has 1 to this many ops, drawn per image
+AUGMIX_SEVERITY = 0.3  # AugMix's default severity 3 of 10: an op's magnitude is uniform in [0.01, 0.3] of its most
+AUGMIX_MOST = dict(rotate=math.radians(30), shear=0.3, translate=1 / 3, solarize=256.0)  # AugMix's ranges at 10/10
+AUGMIX_OPS = ("autocontrast", "equalize", "solarize", "rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+
+
+def _autocontrast(x):
+    low = tf.reduce_min(x, axis=[1, 2], keepdims=True)
+    high = tf.reduce_max(x, axis=[1, 2], keepdims=True)
+    return tf.where(high > low, (x - low) * 255.0 / tf.maximum(high - low, 1e-6), x)
+
+
+def _equalize(x):
+    """Each channel mapped through its own cumulative histogram (256 bins): a flat histogram from 0 to 255."""
+    shape = tf.shape(x)
+    channels = tf.reshape(tf.transpose(x, [0, 3, 1, 2]), [shape[0] * 3, -1])  # (images * 3, pixels)
+    bins = tf.cast(tf.clip_by_value(tf.round(channels), 0.0, 255.0), tf.int32)
+    cumulative = tf.cumsum(tf.math.bincount(bins, minlength=256, maxlength=256, axis=-1, dtype=tf.float32), axis=1)
+    # As OpenCV's equalizeHist: the darkest level present goes to 0, the brightest to 255.
+    darkest = tf.reduce_min(tf.where(cumulative > 0, cumulative, cumulative[:, -1:]), axis=1, keepdims=True)
+    lut = 255.0 * tf.maximum(cumulative - darkest, 0.0) / tf.maximum(cumulative[:, -1:] - darkest, 1.0)
+    flat = tf.gather(lut, bins, batch_dims=1)
+    return tf.transpose(tf.reshape(flat, [shape[0], 3, shape[1], shape[2]]), [0, 2, 3, 1])
+
+
+def _solarize(x, level):
+    return tf.where(x >= 255.0 - tf.abs(level)[:, None, None, None] * AUGMIX_MOST["solarize"], 255.0 - x, x)
+
+
+def _augmix_warp(x, op, level):
+    """Rotation, shear or translation by level of its AugMix range, as op says for each image."""
+    size = tf.cast(tf.shape(x)[1], tf.float32)
+
+    def amount(name, most):
+        return tf.where(op == AUGMIX_OPS.index(name), level * most, 0.0)
+    angle = amount("rotate", AUGMIX_MOST["rotate"])
+    shear_x, shear_y = amount("shear_x", AUGMIX_MOST["shear"]), amount("shear_y", AUGMIX_MOST["shear"])
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    # rotation @ [[1, shear_x], [shear_y, 1]]; an image has one of the three at most, the others are zero.
+    return affine_warp(x, cos - sin * shear_y, cos * shear_x - sin, sin + cos * shear_y, sin * shear_x + cos,
+                       amount("translate_x", AUGMIX_MOST["translate"] * size),
+                       amount("translate_y", AUGMIX_MOST["translate"] * size), "REFLECT")
+
+
+def _augmix_step(x, op):
+    """One op of a chain on every image: op[i] indexes AUGMIX_OPS, -1 leaves image i as it is (a shorter chain).
+    Each image pays for its own op only."""
+    batch = tf.shape(x)[0]
+    level = tf.random.uniform([batch], 0.01, AUGMIX_SEVERITY) * tf.where(tf.random.uniform([batch]) < 0.5, -1.0, 1.0)
+    groups = ((lambda x, op, level: _autocontrast(x), op == AUGMIX_OPS.index("autocontrast")),
+              (lambda x, op, level: _equalize(x), op == AUGMIX_OPS.index("equalize")),
+              (lambda x, op, level: _solarize(x, level), op == AUGMIX_OPS.index("solarize")),
+              (_augmix_warp, op >= AUGMIX_OPS.index("rotate")))
+    for transform, chosen in groups:
+        rows = tf.where(chosen)
+        picked = tf.gather_nd(x, rows)
+        x = tf.tensor_scatter_nd_update(x, rows, transform(picked, tf.gather_nd(op, rows), tf.gather_nd(level, rows)))
+    return x
+
+
+def augmix(images: tf.Tensor, cfg: Config) -> tf.Tensor:
+    """With chance cfg.augmix, AugMix's augmentation mixing (Hendrycks et al., ICLR 2020): AUGMIX_WIDTH chains of 1
+    to AUGMIX_DEPTH random ops, mixed with Dirichlet(1) weights, then blended with the image by a Uniform(0, 1)
+    weight (Beta(1, 1)). AugMix's ops and ranges at its default severity, less posterize (a held-out kind here):
+    auto-contrast, equalise, solarise, rotation, shear and translation. The blend of several chains is a new
+    kind of image that no single op makes; shifted copies blended together look a little like a ghosted blur."""
+    def mixed(picked):
+        m = tf.shape(picked)[0]
+        weights = tf.random.gamma([AUGMIX_WIDTH, m], 1.0)
+        weights = weights / tf.reduce_sum(weights, axis=0, keepdims=True)
+        total = tf.zeros_like(picked)
+        for chain in range(AUGMIX_WIDTH):
+            depth = tf.random.uniform([m], 1, AUGMIX_DEPTH + 1, tf.int32)
+            x = picked
+            for step in range(AUGMIX_DEPTH):
+                op = tf.random.uniform([m], 0, len(AUGMIX_OPS), tf.int32)
+                x = tf.clip_by_value(_augmix_step(x, tf.where(step < depth, op, -1)), 0.0, 255.0)
+            total += weights[chain][:, None, None, None] * x
+        keep = tf.random.uniform([m, 1, 1, 1])
+        return keep * picked + (1 - keep) * total
+    return on_a_share(images, cfg.augmix, mixed)
+
+
 # ---- corruption stage: the pseudo-private test's families, at random strengths, inside tf.data ----------
 # Each op takes a float batch and a per-image strength s in [0, 1] (1 = the suite's severity 5).
 
@@ -394,9 +478,9 @@ OP_FAMILY = {"_gaussian_noise": "noise", "_salt_pepper": "noise", "_brightness":
              "_saturation": "colour", "_hue": "colour", "_gamma": "colour", "_channel_swap": "colour",
              "_pixelate": "compression", "_jpeg": "compression", "_grid_mask": "occlusion", "_patches": "occlusion",
              "_zoom": "geometry", "_blur": "blur"}
-FAMILY_FIELDS = {"geometry": ("flip", "rot90", "rotation", "zoom", "shift", "shear", "black_fill"),
-                 "colour": ("contrast", "brightness", "saturation", "hue", "randconv"), "noise": ("noise_std",),
-                 "blur": ("blur",), "occlusion": ("erase",)}
+FAMILY_FIELDS = {"geometry": ("flip", "rot90", "rotation", "zoom", "shift", "shear", "black_fill", "augmix"),
+                 "colour": ("contrast", "brightness", "saturation", "hue", "randconv", "augmix"),
+                 "noise": ("noise_std",), "blur": ("blur",), "occlusion": ("erase",)}
 RANDAUGMENT_GEOMETRY = ("RandomShear", "RandomTranslation")  # the rest of its transforms change colour
 RANDAUGMENT_STDDEV = 0.15  # keras-cv RandAugment's default magnitude_stddev, which make_randaugment keeps
 
@@ -515,6 +599,8 @@ def augment_batch(images: tf.Tensor, cfg: Config, randaugment=None) -> tf.Tensor
     images = geometry(images, cfg)
     if randaugment is not None:
         images = randaugment(images, training=True)
+    if cfg.augmix > 0:
+        images = augmix(images, cfg)
     images = colour(images, cfg)
     if cfg.blur > 0:
         images = blur(images, cfg)

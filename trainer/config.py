@@ -112,6 +112,10 @@ class Config:
                              "RandConv, Xu et al., ICLR 2021): a 1, 3, 5 or 7 px kernel with Gaussian weights, new "
                              "each batch, brightness and contrast kept, the original's weight uniform in [0, 1]; "
                              "0 = off", TRANSFORMS, low=0.0, high=1.0, off=0.0)
+    augmix: float = option(0.0, "chance an image is replaced by AugMix's mixing (Hendrycks et al., ICLR 2020): "
+                           "three chains of 1-3 ops (auto-contrast, equalise, solarise, rotation, shear, translation "
+                           "at AugMix's default severity) mixed with Dirichlet weights, then blended with the image; "
+                           "0 = off", TRANSFORMS, low=0.0, high=1.0, off=0.0)
     mixup_alpha: float = option(0.0, "mixup Beta(alpha, alpha) mixing; 0 = off", TRANSFORMS, low=0.0, high=10.0,
                                 off=0.0)
     cutmix_alpha: float = option(0.0, "CutMix Beta(alpha, alpha) patch mixing; 0 = off", TRANSFORMS, low=0.0,
