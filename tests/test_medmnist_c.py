@@ -9,6 +9,7 @@ import pytest
 from test_heldout import CONFIGS, TRAINING, op_function, reach
 
 from trainer import heldout, medmnist_c, medmnist_c_eval
+from trainer.config import CLASS_NAMES
 from trainer.evaluate import models_by_views
 
 DETERMINISTIC = ("pixelate", "jpeg_compression", "defocus_blur", "brightness_up", "brightness_down", "contrast_up",
@@ -213,6 +214,30 @@ def test_score_reads_every_figure_off_corrupted_copies(cells, inks):
     assert again["images"] == 10
     table = medmnist_c_eval.table(result)
     assert all(kind in table for kind in medmnist_c.KINDS) and "unseen kinds" in table
+
+
+def test_each_kind_names_what_it_turned_right_cells_into(cells, inks):
+    """The model knows the clean cells but for one class it already gets wrong, and answers class 0 on every
+    corrupted cell: each kind turned exactly the cells of the other classes into class 0 (the misread class was
+    wrong clean, so it is no new error), and the pairs, counts and order follow from the labels alone."""
+    images, labels = cells[0][:20], cells[1][:20]
+    misread = np.bincount(labels[labels != 0]).argmax()
+    known = {image.tobytes(): (0 if label == misread else label) for image, label in zip(images, labels)}
+    model = lambda batch: np.array([known.get(image.tobytes(), 0) for image in batch])  # noqa: E731
+    result = medmnist_c_eval.score(model, images, labels, seed=3, max_images=20, inks=inks)
+    classes, counts = np.unique(labels[(labels != 0) & (labels != misread)], return_counts=True)
+    expected = [{"from": CLASS_NAMES[c], "to": CLASS_NAMES[0], "images": int(n)}
+                for c, n in sorted(zip(classes, counts), key=lambda pair: -pair[1])[:3]]
+    assert expected, "the slice needs cells outside class 0"
+    for kind, row in result["per_corruption"].items():
+        assert row["turned_into"] == expected, kind
+        assert f"{expected[0]['from']} -> {CLASS_NAMES[0]} ({expected[0]['images']})" in medmnist_c_eval.table(result)
+    # a model right on every copy (the copies keep the images' order) turned nothing, and the table says so
+    perfect = medmnist_c_eval.score(lambda batch: labels[:len(batch)], images, labels, seed=3, max_images=20,
+                                    inks=inks)
+    assert perfect["overall"] == 1.0
+    assert all(row["turned_into"] == [] for row in perfect["per_corruption"].values())
+    assert medmnist_c_eval.first_turn(perfect["per_corruption"]["bubble"]) == "-"
 
 
 def test_every_kind_sees_every_severity_on_a_fifth_of_the_images():

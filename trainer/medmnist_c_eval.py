@@ -6,6 +6,7 @@ import time
 import numpy as np
 
 from . import medmnist_c
+from .config import CLASS_NAMES
 from .evaluate import models_by_views
 
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -47,15 +48,29 @@ def corrupted(images: np.ndarray, seed: int, inks: dict | None = None):
         yield kind, out, severities
 
 
-def summarise(correct: dict, clean_correct: np.ndarray, skipped: dict, seed: int) -> dict:
-    """The figures from {kind: (right or wrong per image, severity per image)}: each kind's accuracy per severity
-    and its mean over them; per severity, the mean over kinds; overall, over seen and over unseen kinds, each the
-    mean of the kinds' figures."""
+def turned_into(labels: np.ndarray, clean_predicted: np.ndarray, predicted: np.ndarray, top: int = 3) -> list:
+    """What a corruption turns cells into: among the images the model got right clean and wrong corrupted, the
+    commonest (true class, predicted class) pairs with their counts, most first (ties in class order).
+
+    A kind's accuracy says how much it costs; this says which look it imitates (ink blots on a platelet's empty
+    field read as a lymphocyte's nucleus, say), which is what an augmentation aimed at it has to teach."""
+    new = (clean_predicted == labels) & (predicted != labels)
+    pairs, counts = np.unique(np.stack([labels[new], predicted[new]], 1), axis=0, return_counts=True)
+    order = np.argsort(-counts, kind="stable")[:top]
+    return [{"from": CLASS_NAMES[int(pairs[i, 0])], "to": CLASS_NAMES[int(pairs[i, 1])], "images": int(counts[i])}
+            for i in order]
+
+
+def summarise(predicted: dict, labels: np.ndarray, clean_predicted: np.ndarray, skipped: dict, seed: int) -> dict:
+    """The figures from {kind: (predicted class per image, severity per image)}: each kind's accuracy per severity
+    and its mean over them, and what it turned right cells into (turned_into); per severity, the mean over kinds;
+    overall, over seen and over unseen kinds, each the mean of the kinds' figures."""
     per_corruption = {}
-    for kind, (right, severities) in correct.items():
+    for kind, (classes, severities) in predicted.items():
+        right = classes == labels
         cells = {str(s): float(right[severities == s].mean()) for s in SEVERITIES if (severities == s).any()}
         per_corruption[kind] = {"split": medmnist_c.SPLIT[kind], "accuracy": float(np.mean(list(cells.values()))),
-                                "severities": cells}
+                                "severities": cells, "turned_into": turned_into(labels, clean_predicted, classes)}
 
     def mean_of(kinds):
         values = [per_corruption[k]["accuracy"] for k in kinds if k in per_corruption]
@@ -67,7 +82,7 @@ def summarise(correct: dict, clean_correct: np.ndarray, skipped: dict, seed: int
             per_severity[s] = float(np.mean(values))
     return {"overall": mean_of(medmnist_c.KINDS), "unseen": mean_of(medmnist_c.UNSEEN),
             "seen": mean_of([k for k in medmnist_c.KINDS if k not in medmnist_c.UNSEEN]),
-            "clean": float(clean_correct.mean()) if len(clean_correct) else None, "images": int(len(clean_correct)),
+            "clean": float((clean_predicted == labels).mean()) if len(labels) else None, "images": int(len(labels)),
             "seed": seed, "per_severity": per_severity, "per_corruption": per_corruption, "skipped": skipped}
 
 
@@ -88,13 +103,13 @@ def score(predict_labels, images: np.ndarray, labels: np.ndarray, seed: int, max
     started = time.perf_counter()
     pick = _pick(len(images), seed, max_images)
     images, labels = images[pick], labels[pick]
-    correct, skipped = {}, {}
+    predicted, skipped = {}, {}
     for kind, copy, severities in corrupted(images, seed, inks):
         if copy is None:
             skipped[kind] = severities
             continue
-        correct[kind] = (predict_labels(copy) == labels, severities)
-    result = summarise(correct, predict_labels(images) == labels, skipped, seed)
+        predicted[kind] = (np.asarray(predict_labels(copy)), severities)
+    result = summarise(predicted, labels, np.asarray(predict_labels(images)), skipped, seed)
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
 
@@ -111,27 +126,28 @@ def evaluate_exported(model_dir: str, images: np.ndarray, labels: np.ndarray, vi
     rows = []
     for views, model in models_by_views(model_dir, views_list, "medmnist_c_model"):
         started = time.perf_counter()
-        correct = {kind: (model.predict(copy) == labels, severities) for kind, copy, severities in copies
-                   if copy is not None}
-        clean = model.predict(images) == labels
+        predicted = {kind: (model.predict(copy), severities) for kind, copy, severities in copies
+                     if copy is not None}
+        clean = model.predict(images)
         seconds = time.perf_counter() - started
         skipped = {kind: why for kind, copy, why in copies if copy is None}
-        predicted = len(images) * (len(correct) + 1)
-        rows.append({"views": views, "seconds": seconds, "img_per_s": predicted / seconds if seconds else 0.0,
-                     **summarise(correct, clean, skipped, seed)})
+        served = len(images) * (len(predicted) + 1)
+        rows.append({"views": views, "seconds": seconds, "img_per_s": served / seconds if seconds else 0.0,
+                     **summarise(predicted, labels, clean, skipped, seed)})
     return rows
 
 
 def table(result: dict) -> str:
-    """summarise()'s figures as aligned text: a row per corruption (seen or unseen, each severity, mean), then
-    per severity, and the overall, seen and unseen means."""
+    """summarise()'s figures as aligned text: a row per corruption (seen or unseen, each severity, mean, its
+    commonest new error), then per severity, and the overall, seen and unseen means."""
     def cell(value):
         return f"{value:>7.3f}" if value is not None else f"{'-':>7}"
     lines = [f"{'corruption':<18}{'split':<8}" + "".join(f"{'sev ' + str(s):>7}" for s in SEVERITIES)
-             + f"{'mean':>7}"]
+             + f"{'mean':>7}  commonest new error (right clean, wrong here)"]
     for kind, row in result["per_corruption"].items():
         lines.append(f"{kind:<18}{row['split']:<8}" + "".join(cell(row["severities"].get(str(s)))
-                                                               for s in SEVERITIES) + cell(row["accuracy"]))
+                                                               for s in SEVERITIES) + cell(row["accuracy"])
+                     + f"  {first_turn(row)}")
     lines.append(f"{'all kinds':<26}" + "".join(cell(result["per_severity"].get(str(s))) for s in SEVERITIES)
                  + cell(result["overall"]))
     lines.append(f"overall {_fmt(result['overall'])}, unseen kinds {_fmt(result['unseen'])}, seen kinds "
@@ -139,6 +155,12 @@ def table(result: dict) -> str:
     for kind, why in result["skipped"].items():
         lines.append(f"{kind}: {why}")
     return "\n".join(lines)
+
+
+def first_turn(row: dict) -> str:
+    """A kind's commonest new error as 'Platelet -> Lymphocyte (31)', or '-' (none, or figures older than it)."""
+    turns = row.get("turned_into") or []
+    return f"{turns[0]['from']} -> {turns[0]['to']} ({turns[0]['images']})" if turns else "-"
 
 
 def _fmt(value) -> str:

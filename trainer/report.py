@@ -12,7 +12,7 @@ import traceback
 
 import numpy as np
 
-from . import files, gradcam, heldout, medmnist_c, plots
+from . import files, gradcam, heldout, medmnist_c, medmnist_c_eval, plots
 from .config import Config
 from .runs import benchmark_of, duration, read_history, read_json, run_date
 
@@ -419,19 +419,20 @@ def medmnist_c_table(mmc: dict) -> str:
     def cells(values: dict) -> list[str]:
         return [f"{values[s]:.3f}" if s in values else "-" for s in severities]
     rows = [[esc(kind), esc(row.get("split", "?"))] + cells(row.get("severities", {})) + [f"{row['accuracy']:.3f}"]
-            for kind, row in mmc.get("per_corruption", {}).items()]
+            + [esc(medmnist_c_eval.first_turn(row))] for kind, row in mmc.get("per_corruption", {}).items()]
     rows.append(["<b>all kinds</b>", ""] + cells(mmc.get("per_severity", {}))
-                + [f"<b>{mmc['overall']:.3f}</b>" if mmc.get("overall") is not None else "-"])
+                + [f"<b>{mmc['overall']:.3f}</b>" if mmc.get("overall") is not None else "-", ""])
     means = (f"overall {pct(mmc.get('overall'))}, unseen kinds {pct(mmc.get('unseen'))}, seen kinds "
              f"{pct(mmc.get('seen'))}; the same images clean {pct(mmc.get('clean'))}")
     skipped = "".join(f'<div class="warn">{esc(kind)}: {esc(why)}</div>' for kind, why in
                       (mmc.get("skipped") or {}).items())
     return ("<h3>MedMNIST-C: accuracy per corruption and severity</h3>"
-            + table(["corruption", "split"] + [f"severity {s}" for s in severities] + ["mean"], rows,
-                    set(range(2, 8)))
+            + table(["corruption", "split"] + [f"severity {s}" for s in severities] + ["mean", "commonest new error"],
+                    rows, set(range(2, 8)))
             + f'<p class="muted">{esc(means)}. {esc(str(mmc.get("images", "?")))} images, each under every '
               "corruption at one severity, severities in turn (a fifth of them at each); seen: training draws the "
-              f"same operation (docs/robustness.md).</p>{skipped}")
+              "same operation (docs/robustness.md). The commonest new error is the class pair that most of the "
+              f"cells right clean and wrong under that corruption went to.</p>{skipped}")
 
 
 def benchmark(run: RunFolder) -> str:
