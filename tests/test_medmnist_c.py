@@ -231,7 +231,8 @@ def test_each_kind_names_what_it_turned_right_cells_into(cells, inks):
     assert expected, "the slice needs cells outside class 0"
     for kind, row in result["per_corruption"].items():
         assert row["turned_into"] == expected, kind
-        assert f"{expected[0]['from']} -> {CLASS_NAMES[0]} ({expected[0]['images']})" in medmnist_c_eval.table(result)
+    first = f"{expected[0]['from']} -> {CLASS_NAMES[0]} ({expected[0]['images']})"
+    assert medmnist_c_eval.table(result).count(first) == len(medmnist_c.KINDS)
     # a model right on every copy (the copies keep the images' order) turned nothing, and the table says so
     perfect = medmnist_c_eval.score(lambda batch: labels[:len(batch)], images, labels, seed=3, max_images=20,
                                     inks=inks)
