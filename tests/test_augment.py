@@ -429,3 +429,23 @@ def test_augmix_blends_chains_into_the_chosen_share_only(batch):
     corr = [np.corrcoef(b.ravel(), a.ravel())[0, 1] for b, a in zip(x[changed], out[changed])]
     others = [np.corrcoef(b.ravel(), a.ravel())[0, 1] for b, a in zip(x[changed], np.roll(x, 1, axis=0)[changed])]
     assert np.median(corr) > 0.6 and np.median(corr) > np.median(others) + 0.3, (np.median(corr), np.median(others))
+
+
+@pytest.mark.parametrize("least", [1.0, 0.3])
+def test_erase_opacity_lays_translucent_patches_between_it_and_one(least):
+    cfg = make_config("cpu", **{**OFF, "erase": 1.0, "erase_opacity": least})
+    outs = []
+    for base in (0.0, 255.0):  # the same draws over black and over white: their difference is 255 * (1 - opacity)
+        tf.random.set_seed(5)
+        outs.append(augment.erase(tf.fill([400, 96, 96, 3], base), cfg).numpy())
+    opacity = 1.0 + (outs[0] - outs[1])[..., 0] / 255.0
+    patch = opacity[opacity > 1e-3].reshape(-1)
+    assert patch.size > 400 * 81, "every image gets a patch of at least 81 pixels"
+    per_image = [o[o > 1e-3] for o in opacity]
+    assert all(np.ptp(p) < 1e-4 for p in per_image), "one opacity per patch"
+    if least == 1.0:
+        np.testing.assert_allclose(patch, 1.0, atol=1e-4)
+    else:
+        firsts = np.array([p[0] for p in per_image])
+        assert firsts.min() >= least - 1e-4 and firsts.max() <= 1.0 + 1e-4
+        assert (firsts < 0.5).mean() > 0.15 and (firsts > 0.8).mean() > 0.15, "drawn across the range"

@@ -132,7 +132,8 @@ def blur(images: tf.Tensor, cfg: Config) -> tf.Tensor:
 
 def erase(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     """Random erasing: with chance cfg.erase, one rectangle (10-30% of the side) becomes noise or a flat colour
-    (cfg.erase_fill: any colour, or black and white as often as any colour)."""
+    (cfg.erase_fill: any colour, or black and white as often as any colour), laid over at an opacity drawn from
+    cfg.erase_opacity to 1."""
     shape = tf.shape(images)
     batch, h, w = shape[0], shape[1], shape[2]
     hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
@@ -146,6 +147,8 @@ def erase(images: tf.Tensor, cfg: Config) -> tf.Tensor:
               (cols >= left[:, None, None]) & (cols < (left + side_w)[:, None, None]))
     chosen = tf.random.uniform([batch, 1, 1]) < cfg.erase
     mask = tf.cast(inside & chosen, tf.float32)[..., None]
+    if cfg.erase_opacity < 1.0:  # a translucent patch: occlusion the cell shows through, as glare or a film would
+        mask *= tf.random.uniform([batch, 1, 1, 1], cfg.erase_opacity, 1.0)
     flat = tf.random.uniform([batch, 1, 1, 3], 0, 255)
     if cfg.erase_fill == "extremes":
         pick = tf.random.uniform([batch, 1, 1, 1], 0, 3, tf.int32)  # 0: any colour, 1: black, 2: white

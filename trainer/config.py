@@ -91,6 +91,9 @@ class Config:
                              "time; else noise): random = any colour; extremes = black a third of the time, white a "
                              "third, any colour the rest (a blot of ink, a glare)", TRANSFORMS,
                              choices=("random", "extremes"), off="random")
+    erase_opacity: float = option(1.0, "least opacity of a random-erasing patch, drawn up to 1 per patch: below 1 "
+                                  "some patches are translucent veils the cell shows through; 1 = opaque", TRANSFORMS,
+                                  low=0.0, high=1.0, off=1.0)
     corrupt: float = option(0.0, "chance an image gets the corruption stage (noise, colour, grid...); 0 = off",
                             TRANSFORMS, low=0.0, high=1.0, off=0.0)
     corrupt_ops: int = option(2, "a corrupted image gets 1 to this many corruptions", TRANSFORMS, low=1, high=6,

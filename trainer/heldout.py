@@ -27,6 +27,8 @@ TRAINING_OPS = {
     # Mixes of AugMix chains (auto-contrast, equalise, solarise, rotation, shear, translation); posterize, a
     # held-out kind, is left out of its ops. Blended shifted copies look a little like a ghosted blur.
     "augmix": (("contrast", "brightness", "rotate", "shear", "shift"), "--augmix"),
+    # Opaque or (--erase-opacity under 1) translucent rectangles of noise or one colour; a pale translucent one
+    # looks a little like the held-out bubble's veil, though square (docs/robustness.md says so beside its figures).
     "erase": (("patches",), "--erase"),
     "mix": ((), "--mixup-alpha --cutmix-alpha"),  # blends two cells and their labels: no suite corruption
     # Blends in a random 1/f texture: no suite corruption by kind, though its darker blends look a little like
