@@ -449,3 +449,23 @@ def test_erase_opacity_lays_translucent_patches_between_it_and_one(least):
         firsts = np.array([p[0] for p in per_image])
         assert firsts.min() >= least - 1e-4 and firsts.max() <= 1.0 + 1e-4
         assert (firsts < 0.5).mean() > 0.15 and (firsts > 0.8).mean() > 0.15, "drawn across the range"
+
+
+@pytest.mark.parametrize("shape", ["rectangle", "blot"])
+def test_erase_shape_blot_cuts_a_ragged_blob_out_of_the_rectangle(shape):
+    tf.random.set_seed(2)
+    grey = tf.fill([300, 96, 96, 3], 128.0)
+    out = augment.erase(grey, make_config("cpu", **{**OFF, "erase": 1.0, "erase_shape": shape})).numpy()
+    changed = np.any(out != 128.0, axis=-1)
+    fill, sizes = [], []
+    for mask in changed:
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        if len(rows):
+            sizes.append(mask.sum())
+            fill.append(mask.sum() / ((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)))
+    fill = np.array(fill)
+    assert len(sizes) > 285 and np.median(sizes) >= 40, "nearly every image gets a patch of some size"
+    if shape == "rectangle":
+        assert (fill > 0.99).mean() > 0.95, "a rectangle fills its bounding box"
+    else:
+        assert 0.5 < np.median(fill) < 0.9, f"a blot fills part of its box, median {np.median(fill):.2f}"

@@ -130,10 +130,28 @@ def blur(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     return tf.clip_by_value(images + (blurred - images) * amount, 0.0, 255.0)  # sums can round past 255
 
 
+BLOT_GRIDS = (12, 32)  # noise cells across the image that a blot's edge is cut from: lobes of ~8 px, rough ~3 px
+
+
+def _blot(shape, top, left, side_h, side_w) -> tf.Tensor:
+    """(batch, h, w) ragged blobs, one per image, filling most of its box: an ellipse inscribed in the box whose
+    edge is pushed in and out by bilinearly smoothed uniform noise at two scales: lobes and bays, and a rough rim."""
+    batch, h, w = shape[0], shape[1], shape[2]
+    rows = tf.cast(tf.range(h), tf.float32)[None, :, None]
+    cols = tf.cast(tf.range(w), tf.float32)[None, None, :]
+    half_h = tf.cast(side_h, tf.float32)[:, None, None] / 2 + 0.5
+    half_w = tf.cast(side_w, tf.float32)[:, None, None] / 2 + 0.5
+    dy = (rows + 0.5 - tf.cast(top, tf.float32)[:, None, None] - half_h) / half_h
+    dx = (cols + 0.5 - tf.cast(left, tf.float32)[:, None, None] - half_w) / half_w
+    noise = sum(tf.image.resize(tf.random.uniform([batch, grid, grid, 1], -0.5, 0.5), [h, w], "bilinear")[..., 0]
+                for grid in BLOT_GRIDS)
+    return (1.0 - (dy ** 2 + dx ** 2)) + noise > 0.25
+
+
 def erase(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     """Random erasing: with chance cfg.erase, one rectangle (10-30% of the side) becomes noise or a flat colour
     (cfg.erase_fill: any colour, or black and white as often as any colour), laid over at an opacity drawn from
-    cfg.erase_opacity to 1."""
+    cfg.erase_opacity to 1; with cfg.erase_shape "blot" only a ragged blob inside the rectangle."""
     shape = tf.shape(images)
     batch, h, w = shape[0], shape[1], shape[2]
     hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
@@ -145,6 +163,8 @@ def erase(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     cols = tf.range(w)[None, None, :]
     inside = ((rows >= top[:, None, None]) & (rows < (top + side_h)[:, None, None]) &
               (cols >= left[:, None, None]) & (cols < (left + side_w)[:, None, None]))
+    if cfg.erase_shape == "blot":
+        inside = inside & _blot(shape, top, left, side_h, side_w)
     chosen = tf.random.uniform([batch, 1, 1]) < cfg.erase
     mask = tf.cast(inside & chosen, tf.float32)[..., None]
     if cfg.erase_opacity < 1.0:  # a translucent patch: occlusion the cell shows through, as glare or a film would

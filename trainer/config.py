@@ -91,6 +91,9 @@ class Config:
                              "time; else noise): random = any colour; extremes = black a third of the time, white a "
                              "third, any colour the rest (a blot of ink, a glare)", TRANSFORMS,
                              choices=("random", "extremes"), off="random")
+    erase_shape: str = option("rectangle", "outline of a random-erasing patch: rectangle, or blot = a ragged blob "
+                              "inside the same box (smoothed random noise cut by a threshold)", TRANSFORMS,
+                              choices=("rectangle", "blot"), off="rectangle")
     erase_opacity: float = option(1.0, "least opacity of a random-erasing patch, drawn up to 1 per patch: below 1 "
                                   "some patches are translucent veils the cell shows through; 1 = opaque", TRANSFORMS,
                                   low=0.0, high=1.0, off=1.0)

@@ -28,7 +28,9 @@ TRAINING_OPS = {
     # held-out kind, is left out of its ops. Blended shifted copies look a little like a ghosted blur.
     "augmix": (("contrast", "brightness", "rotate", "shear", "shift"), "--augmix"),
     # Opaque or (--erase-opacity under 1) translucent rectangles of noise or one colour; a pale translucent one
-    # looks a little like the held-out bubble's veil, though square (docs/robustness.md says so beside its figures).
+    # looks a little like the held-out bubble's veil, though square. --erase-shape blot cuts a ragged blob out of
+    # the rectangle instead: larger and opaque, but near the held-out debris and MedMNIST-C's ink blots
+    # (docs/robustness.md says so beside its figures).
     "erase": (("patches",), "--erase"),
     "mix": ((), "--mixup-alpha --cutmix-alpha"),  # blends two cells and their labels: no suite corruption
     # Blends in a random 1/f texture: no suite corruption by kind, though its darker blends look a little like
