@@ -29,7 +29,7 @@ TRAINING_OPS = {
     "augmix": (("contrast", "brightness", "rotate", "shear", "shift"), "--augmix"),
     # Opaque or (--erase-opacity under 1) translucent rectangles of noise or one colour; a pale translucent one
     # looks a little like the held-out bubble's veil, though square. --erase-shape blot cuts a ragged blob out of
-    # the rectangle instead: larger and opaque, but near the held-out debris and MedMNIST-C's ink blots
+    # the rectangle instead: larger than the held-out debris and opaque by default, but near it and MedMNIST-C's inks
     # (docs/robustness.md says so beside its figures).
     "erase": (("patches",), "--erase"),
     "mix": ((), "--mixup-alpha --cutmix-alpha"),  # blends two cells and their labels: no suite corruption
