@@ -1,8 +1,9 @@
 """What about MedMNIST-C's stain deposit misleads a model: the ink's colour, or the blot's ragged outline?
 
-Not part of the kit: a probe behind a note in docs/experiments.md. It scores a run's exported model (1 view) on
-the run's test cells under stain deposit at severities 1-5 as trainer/medmnist_c.py draws it, then on the same
-marks at the same places painted another colour, and on squares of each blot's area centred where the blot is:
+Not part of the kit: a probe behind a note in docs/experiments.md. It scores a run's exported model (1 view,
+served by submission/model.py as the zip serves it) on the run's test cells under stain deposit at severities
+1-5 as trainer/medmnist_c.py draws it, then on the same marks at the same places painted another colour, and on
+squares of each blot's area centred where the blot is:
 
     PYTHONPATH=. .venv/bin/python docs/ink_check.py runs/<name> [--images 500]
 
@@ -13,9 +14,9 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import onnxruntime as ort
 
 from trainer import medmnist_c
+from trainer.evaluate import models_by_views
 
 SEVERITIES = (1, 2, 3, 4, 5)
 
@@ -40,13 +41,10 @@ def main() -> None:
     args = parser.parse_args()
     split = np.load(f"{args.run}/holdout.npz")
     images, labels = split["images"][:args.images], split["labels"].ravel()[:args.images]
-    session = ort.InferenceSession(f"{args.run}/model.onnx", providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    (_, model), = models_by_views(args.run, (1,), "ink_check_model")  # served as the zip serves it, 1 view
 
     def accuracy(x: np.ndarray) -> float:
-        predicted = np.concatenate([session.run(None, {name: x[i:i + 128].astype(np.float32)})[0].argmax(1)
-                                    for i in range(0, len(x), 128)])
-        return float((predicted == labels).mean())
+        return float((model.predict(x) == labels).mean())
 
     luma = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     nucleus = np.median(images[luma <= np.percentile(luma, 3)], axis=0).astype(np.uint8)  # darkest 3% of pixels
