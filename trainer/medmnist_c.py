@@ -48,13 +48,14 @@ KINDS = ("pixelate", "jpeg_compression", "defocus_blur", "motion_blur", "brightn
 # corruption of the in-distribution suite (trainer/corrupt.py) is in SEEN_IN_TRAINING. Parameters may differ
 # (training's brightness adds where MedMNIST-C's scales; its saturation scales where this one adds to HSV
 # saturation): the operation counts, not its strength. "unseen": the suite's corruption of that kind is held out
-# from training, or the suite has none. Unseen is not unrelated: defocus's disk and motion blur's one-sided streak
-# are near training's Gaussian blur, and the black ink of stain deposit is near its black grid holes and flat
-# squares (as the held-out debris is); no training op lays translucent white discs like the bubbles.
+# from training, or the suite has none. Stain deposit is seen since `--erase-shape blot` exists: erasing can lay a
+# ragged opaque blob of one colour (black for a third of those under `--erase-fill extremes`), which is what an
+# ink blot is; the package's masks never reach training. Unseen is not unrelated: defocus's disk and motion blur's
+# one-sided streak are near training's Gaussian blur; no training op lays translucent white discs like bubbles.
 SUITE_KIND = {"pixelate": "pixelate", "jpeg_compression": "jpeg", "defocus_blur": "defocus_blur",
               "motion_blur": "motion_blur", "brightness_up": "brightness", "brightness_down": "brightness",
               "contrast_up": "contrast", "contrast_down": "contrast", "saturate": "saturation",
-              "stain_deposit": None, "bubble": None}
+              "stain_deposit": "patches", "bubble": None}
 SPLIT = {kind: "seen" if SUITE_KIND[kind] in heldout.SEEN_IN_TRAINING else "unseen" for kind in KINDS}
 UNSEEN = tuple(kind for kind in KINDS if SPLIT[kind] == "unseen")
 
