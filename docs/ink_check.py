@@ -17,8 +17,7 @@ import numpy as np
 
 from trainer import medmnist_c
 from trainer.evaluate import models_by_views
-
-SEVERITIES = (1, 2, 3, 4, 5)
+from trainer.medmnist_c_eval import SEVERITIES
 
 
 def squares_like(masks: np.ndarray) -> np.ndarray:

@@ -22,9 +22,7 @@ import numpy as np
 
 from trainer import heldout, medmnist_c
 from trainer.evaluate import models_by_views
-
-SEVERITIES = (1, 2, 3, 4, 5)
-UNSEEN = medmnist_c.UNSEEN
+from trainer.medmnist_c_eval import SEVERITIES
 
 
 def jobs(seed: int) -> list[tuple]:
@@ -59,12 +57,11 @@ def right_per_copy(run: str, images: np.ndarray, labels: np.ndarray, copies: dic
 def figures(right: dict) -> dict:
     """Per-cell scores: clean; each kind's mean over its severities; MedMNIST-C overall and its unseen kinds; the
     held-out kinds' mean. A figure's mean over the cells is the usual accuracy."""
-    def kinds(suite):
-        names = dict.fromkeys(kind for s, kind, _ in (k for k in right if k != "clean") if s == suite)
+    def kinds(suite, names):
         return {kind: np.mean([right[(suite, kind, s)] for s in SEVERITIES], axis=0) for kind in names}
-    mmc, held = kinds("mmc"), kinds("held")
+    mmc, held = kinds("mmc", medmnist_c.KINDS), kinds("held", heldout.HELD_OUT)
     out = {"clean": right["clean"].astype(float), "MedMNIST-C": np.mean(list(mmc.values()), axis=0),
-           "MedMNIST-C unseen kinds": np.mean([mmc[k] for k in UNSEEN], axis=0),
+           "MedMNIST-C unseen kinds": np.mean([mmc[k] for k in medmnist_c.UNSEEN], axis=0),
            "held-out kinds' mean": np.mean(list(held.values()), axis=0)}
     out.update({f"  {kind}": score for kind, score in mmc.items()})
     out.update({f"  held-out {kind}": score for kind, score in held.items()})
