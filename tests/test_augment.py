@@ -44,6 +44,7 @@ def batch(real_slice):
     (dict(pixmix=1.0), 0.9),
     (dict(randconv=1.0), 0.9),
     (dict(augmix=1.0), 0.8),
+    (dict(apr=1.0), 0.8),
 ])
 def test_each_stage_keeps_range_and_changes_images(batch, stage, share):
     cfg = make_config("cpu", **{**OFF, **stage})
@@ -356,6 +357,34 @@ def test_pixmix_keeps_the_cell_by_its_weight_and_touches_only_the_chosen_share(b
     before, after = x.numpy()[changed].reshape(changed.sum(), -1), out[changed].reshape(changed.sum(), -1)
     corr = [np.corrcoef(b, a)[0, 1] for b, a in zip(before, after)]
     assert np.median(corr) > (0.8 if weight <= 0.2 else 0.5), corr
+
+
+def test_apr_keeps_phase_and_mean_colour_takes_a_partners_amplitude_on_the_chosen_share(batch):
+    x = np.concatenate([batch] * 4).astype(np.float32)
+    tf.random.set_seed(3)
+    half = augment.apr(tf.constant(x), make_config("cpu", **{**OFF, "apr": 0.5})).numpy()
+    check_range(half, len(x))
+    changed = np.abs(half - x).reshape(len(x), -1).max(1) > 1.0
+    assert 0.3 < changed.mean() < 0.7, "about half the images are recombined"
+    # the rest stay as they were (one drawn as its own partner goes through the transform and back: float error)
+    assert np.abs(half[~changed] - x[~changed]).max() < 0.01
+
+    x = batch.astype(np.float32)
+    out = augment.apr(tf.constant(x), make_config("cpu", **{**OFF, "apr": 1.0})).numpy()
+    spectrum = lambda v: np.fft.fft2(v.transpose(0, 3, 1, 2))  # noqa: E731
+    before, after = spectrum(x), spectrum(out)
+    moved = np.abs(out - x).reshape(len(x), -1).max(1) > 1.0  # an image drawn as its own partner is unchanged
+    assert moved.mean() > 0.8
+    # Its own mean colour: each channel's zero frequency, up to what clipping at 255 takes off a bright channel.
+    assert np.median(np.abs(out.mean((1, 2)) - x.mean((1, 2)))[moved]) < 2.0
+    # Its own phase: where the energy is, the frequencies point the way the original's did.
+    weight = np.abs(after)
+    agreement = (weight * np.cos(np.angle(after) - np.angle(before))).sum((1, 2, 3)) / weight.sum((1, 2, 3))
+    assert np.median(agreement[moved]) > 0.9, agreement
+    # Another image's amplitude: the batch image whose log-amplitude spectrum is nearest is not itself.
+    log_amp = np.log1p(np.abs(before)).reshape(len(x), -1)
+    nearest = [np.argmin(((log_amp - np.log1p(np.abs(a)).ravel()) ** 2).sum(1)) for a in after]
+    assert np.mean([n != i for i, n in enumerate(nearest) if moved[i]]) > 0.9, nearest
 
 
 def test_randconv_keeps_brightness_filters_texture_and_touches_only_the_chosen_share(batch):

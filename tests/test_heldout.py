@@ -128,7 +128,8 @@ def test_training_ops_are_declared_and_none_is_held_out(config):
         assert op not in held and op.__code__ not in {f.__code__ for f in held}, f"{op.__name__} is held out"
         assert op.__name__.lstrip("_") not in heldout.HELD_OUT, f"{op.__name__} is named like a held-out corruption"
     if config == "every flag on":  # the declaration lists no op that training lacks
-        stages = {"geometry", "make_randaugment", "colour", "blur", "erase", "randconv", "augmix", "pixmix", "mix"}
+        stages = {"geometry", "make_randaugment", "colour", "blur", "erase", "randconv", "augmix", "pixmix", "apr",
+                  "mix"}
         assert {op.__name__ for op in ops} | stages == set(heldout.TRAINING_OPS)
 
 
@@ -144,7 +145,7 @@ def op_families(name: str) -> set:
 
 def test_stage_flags_split_the_declared_stages_without_losing_a_flag_or_a_corruption():
     listed = set()
-    for stage in ("geometry", "colour", "blur", "erase", "randconv", "augmix"):
+    for stage in ("geometry", "colour", "blur", "erase", "randconv", "augmix", "apr"):
         kinds, flags = heldout.TRAINING_OPS[stage]
         names = [flag[2:].replace("-", "_") for flag in flags.split()]
         listed |= set(names)

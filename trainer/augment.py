@@ -229,6 +229,29 @@ def pixmix(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     return on_a_share(images, cfg.pixmix, blend)
 
 
+def apr(images: tf.Tensor, cfg: Config) -> tf.Tensor:
+    """With chance cfg.apr, give an image the Fourier amplitude of another image of the batch, channel by channel,
+    keeping its own phase (APR-P, Chen et al., ICCV 2021).
+
+    The phase carries where the edges are: the cell's outline, its nucleus, the granules' places. The amplitude
+    carries how strong each spatial frequency is: contrast, sharpness, grain. A blur by a Gaussian only scales the
+    amplitude and leaves the phase as it was, so a model told that the amplitude is another cell's learns to read
+    structure. The zero frequency (each channel's mean) stays the image's own: a cell's colour is a class cue, and
+    another cell's mean would be a colour cast. The partner is drawn from the batch (now and then the image itself).
+    """
+    partner = tf.gather(images, tf.random.shuffle(tf.range(tf.shape(images)[0])))
+    spectrum = tf.signal.fft2d(tf.complex(tf.transpose(images, [0, 3, 1, 2]), 0.0))  # (n, 3, h, w)
+    amplitude = tf.abs(tf.signal.fft2d(tf.complex(tf.transpose(partner, [0, 3, 1, 2]), 0.0)))
+    h, w = tf.shape(spectrum)[2], tf.shape(spectrum)[3]
+    dc = tf.pad(tf.ones([1, 1], tf.bool), [[0, h - 1], [0, w - 1]])  # the zero frequency sits at [0, 0]
+    amplitude = tf.where(dc, tf.abs(spectrum), amplitude)
+    phase = tf.math.angle(spectrum)
+    mixed = tf.math.real(tf.signal.ifft2d(tf.complex(amplitude * tf.cos(phase), amplitude * tf.sin(phase))))
+    mixed = tf.clip_by_value(tf.transpose(mixed, [0, 2, 3, 1]), 0.0, 255.0)
+    picked = tf.random.uniform([tf.shape(images)[0], 1, 1, 1]) < cfg.apr
+    return tf.where(picked, mixed, images)
+
+
 RANDCONV_SIZES = (1, 3, 5, 7)  # px: the kernel sizes Xu et al. draw from
 
 
@@ -502,8 +525,8 @@ OP_FAMILY = {"_gaussian_noise": "noise", "_salt_pepper": "noise", "_brightness":
              "_pixelate": "compression", "_jpeg": "compression", "_grid_mask": "occlusion", "_patches": "occlusion",
              "_zoom": "geometry", "_blur": "blur"}
 FAMILY_FIELDS = {"geometry": ("flip", "rot90", "rotation", "zoom", "shift", "shear", "black_fill", "augmix"),
-                 "colour": ("contrast", "brightness", "saturation", "hue", "randconv", "augmix"),
-                 "noise": ("noise_std",), "blur": ("blur",), "occlusion": ("erase",)}
+                 "colour": ("contrast", "brightness", "saturation", "hue", "randconv", "augmix", "apr"),
+                 "noise": ("noise_std", "apr"), "blur": ("blur", "apr"), "occlusion": ("erase",)}
 RANDAUGMENT_GEOMETRY = ("RandomShear", "RandomTranslation")  # the rest of its transforms change colour
 RANDAUGMENT_STDDEV = 0.15  # keras-cv RandAugment's default magnitude_stddev, which make_randaugment keeps
 
@@ -633,6 +656,8 @@ def augment_batch(images: tf.Tensor, cfg: Config, randaugment=None) -> tf.Tensor
         images = randconv(images, cfg)
     if cfg.pixmix > 0:
         images = pixmix(images, cfg)
+    if cfg.apr > 0:
+        images = apr(images, cfg)
     if cfg.corrupt > 0:
         images = corrupt(images, cfg)
     return images

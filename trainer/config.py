@@ -122,6 +122,10 @@ class Config:
                            "three chains of 1-3 ops (auto-contrast, equalise, solarise, rotation, shear, translation "
                            "at AugMix's default severity) mixed with Dirichlet weights, then blended with the image; "
                            "0 = off", TRANSFORMS, low=0.0, high=1.0, off=0.0)
+    apr: float = option(0.0, "chance an image takes the Fourier amplitude of another image in its batch and keeps "
+                        "its own phase and mean colour (after APR-P, Chen et al., ICCV 2021): outline and layout "
+                        "stay, contrast, sharpness and texture come from another cell; 0 = off", TRANSFORMS,
+                        low=0.0, high=1.0, off=0.0)
     mixup_alpha: float = option(0.0, "mixup Beta(alpha, alpha) mixing; 0 = off", TRANSFORMS, low=0.0, high=10.0,
                                 off=0.0)
     cutmix_alpha: float = option(0.0, "CutMix Beta(alpha, alpha) patch mixing; 0 = off", TRANSFORMS, low=0.0,
