@@ -371,8 +371,7 @@ def test_apr_keeps_phase_and_mean_colour_takes_a_partners_amplitude_on_the_chose
 
     x = batch.astype(np.float32)
     out = augment.apr(tf.constant(x), make_config("cpu", **{**OFF, "apr": 1.0})).numpy()
-    spectrum = lambda v: np.fft.fft2(v.transpose(0, 3, 1, 2))  # noqa: E731
-    before, after = spectrum(x), spectrum(out)
+    before, after = (np.fft.fft2(v.transpose(0, 3, 1, 2)) for v in (x, out))
     moved = np.abs(out - x).reshape(len(x), -1).max(1) > 1.0  # an image drawn as its own partner is unchanged
     assert moved.mean() > 0.8
     # Its own mean colour: each channel's zero frequency, up to what clipping at 255 takes off a bright channel.

@@ -237,19 +237,19 @@ def apr(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     carries how strong each spatial frequency is: contrast, sharpness, grain. A blur by a Gaussian only scales the
     amplitude and leaves the phase as it was, so a model told that the amplitude is another cell's learns to read
     structure. The zero frequency (each channel's mean) stays the image's own: a cell's colour is a class cue, and
-    another cell's mean would be a colour cast. The partner is drawn from the batch (now and then the image itself).
+    another cell's mean would be a colour cast. The partner is another picked image (now and then the image itself).
     """
-    partner = tf.gather(images, tf.random.shuffle(tf.range(tf.shape(images)[0])))
-    spectrum = tf.signal.fft2d(tf.complex(tf.transpose(images, [0, 3, 1, 2]), 0.0))  # (n, 3, h, w)
-    amplitude = tf.abs(tf.signal.fft2d(tf.complex(tf.transpose(partner, [0, 3, 1, 2]), 0.0)))
-    h, w = tf.shape(spectrum)[2], tf.shape(spectrum)[3]
-    dc = tf.pad(tf.ones([1, 1], tf.bool), [[0, h - 1], [0, w - 1]])  # the zero frequency sits at [0, 0]
-    amplitude = tf.where(dc, tf.abs(spectrum), amplitude)
-    phase = tf.math.angle(spectrum)
-    mixed = tf.math.real(tf.signal.ifft2d(tf.complex(amplitude * tf.cos(phase), amplitude * tf.sin(phase))))
-    mixed = tf.clip_by_value(tf.transpose(mixed, [0, 2, 3, 1]), 0.0, 255.0)
-    picked = tf.random.uniform([tf.shape(images)[0], 1, 1, 1]) < cfg.apr
-    return tf.where(picked, mixed, images)
+    def recombine(picked):
+        partner = tf.gather(picked, tf.random.shuffle(tf.range(tf.shape(picked)[0])))
+        spectrum = tf.signal.fft2d(tf.complex(tf.transpose(picked, [0, 3, 1, 2]), 0.0))  # (m, 3, h, w)
+        amplitude = tf.abs(tf.signal.fft2d(tf.complex(tf.transpose(partner, [0, 3, 1, 2]), 0.0)))
+        h, w = tf.shape(spectrum)[2], tf.shape(spectrum)[3]
+        dc = tf.pad(tf.ones([1, 1], tf.bool), [[0, h - 1], [0, w - 1]])  # the zero frequency sits at [0, 0]
+        amplitude = tf.where(dc, tf.abs(spectrum), amplitude)
+        phase = tf.math.angle(spectrum)
+        mixed = tf.math.real(tf.signal.ifft2d(tf.complex(amplitude * tf.cos(phase), amplitude * tf.sin(phase))))
+        return tf.transpose(mixed, [0, 2, 3, 1])
+    return on_a_share(images, cfg.apr, recombine)
 
 
 RANDCONV_SIZES = (1, 3, 5, 7)  # px: the kernel sizes Xu et al. draw from
