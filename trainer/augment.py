@@ -240,12 +240,12 @@ def apr(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     another cell's mean would be a colour cast. The partner is another picked image (now and then the image itself).
     """
     def recombine(picked):
-        partner = tf.gather(picked, tf.random.shuffle(tf.range(tf.shape(picked)[0])))
         spectrum = tf.signal.fft2d(tf.complex(tf.transpose(picked, [0, 3, 1, 2]), 0.0))  # (m, 3, h, w)
-        amplitude = tf.abs(tf.signal.fft2d(tf.complex(tf.transpose(partner, [0, 3, 1, 2]), 0.0)))
+        own = tf.abs(spectrum)
+        partners = tf.gather(own, tf.random.shuffle(tf.range(tf.shape(picked)[0])))  # a partner's, no second FFT
         h, w = tf.shape(spectrum)[2], tf.shape(spectrum)[3]
         dc = tf.pad(tf.ones([1, 1], tf.bool), [[0, h - 1], [0, w - 1]])  # the zero frequency sits at [0, 0]
-        amplitude = tf.where(dc, tf.abs(spectrum), amplitude)
+        amplitude = tf.where(dc, own, partners)
         phase = tf.math.angle(spectrum)
         mixed = tf.math.real(tf.signal.ifft2d(tf.complex(amplitude * tf.cos(phase), amplitude * tf.sin(phase))))
         return tf.transpose(mixed, [0, 2, 3, 1])
