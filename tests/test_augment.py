@@ -45,6 +45,7 @@ def batch(real_slice):
     (dict(randconv=1.0), 0.9),
     (dict(augmix=1.0), 0.8),
     (dict(apr=1.0), 0.8),
+    (dict(patch_gaussian=60.0), 0.8),  # a patch's std or side may be drawn near zero
 ])
 def test_each_stage_keeps_range_and_changes_images(batch, stage, share):
     cfg = make_config("cpu", **{**OFF, **stage})
@@ -497,3 +498,28 @@ def test_erase_shape_blot_cuts_a_ragged_blob_out_of_the_rectangle(shape):
         assert (fill > 0.99).mean() > 0.95, "a rectangle fills its bounding box"
     else:
         assert 0.5 < np.median(fill) < 0.9, f"a blot fills part of its box, median {np.median(fill):.2f}"
+
+
+def test_patch_gaussian_puts_noise_in_one_square_per_image_at_the_set_strength():
+    x = np.full((300, 96, 96, 3), 128.0, np.float32)  # mid-grey: no clipping hides the noise
+    tf.random.set_seed(5)
+    out = augment.patch_gaussian(tf.constant(x), make_config("cpu", **{**OFF, "patch_gaussian": 40.0})).numpy()
+    check_range(out, len(x))
+    limit = int(augment.PATCH_GAUSSIAN_SIDE * 96) + 1
+    stds, squares = [], 0
+    for before, after in zip(x, out):
+        noisy = (after != before).any(2)
+        if noisy.sum() < 4:  # a patch drawn with almost no side
+            continue
+        rows, cols = np.flatnonzero(noisy.any(1)), np.flatnonzero(noisy.any(0))
+        box = noisy[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        assert box.mean() > 0.99, "the noise fills one rectangle"
+        assert max(box.shape) <= limit, box.shape
+        inner = 0 < rows[0] and rows[-1] < 95 and 0 < cols[0] and cols[-1] < 95
+        if inner:  # a patch no border cuts is a square
+            assert abs(box.shape[0] - box.shape[1]) <= 1, box.shape
+            squares += 1
+        stds.append(float((after - before)[noisy].std()))
+    assert squares > 20 and len(stds) > 250
+    # each image's std is uniform up to the setting: a mean near half of it, none far past it
+    assert 15.0 < np.mean(stds) < 25.0 and max(stds) < 48.0, (np.mean(stds), max(stds))

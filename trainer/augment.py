@@ -229,6 +229,27 @@ def pixmix(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     return on_a_share(images, cfg.pixmix, blend)
 
 
+PATCH_GAUSSIAN_SIDE = 0.75  # the largest noisy patch, as a fraction of the image side
+
+
+def patch_gaussian(images: tf.Tensor, cfg: Config) -> tf.Tensor:
+    """Patch Gaussian (Lopes et al., 2019): every image gets Gaussian noise inside one square, its side uniform up
+    to PATCH_GAUSSIAN_SIDE of the image's, its centre anywhere (a border may cut it), its std uniform up to
+    cfg.patch_gaussian. Noise teaches a model to ignore fine detail; confined to a patch, the rest of the cell
+    keeps its detail to learn from."""
+    shape = tf.shape(images)
+    batch, size = shape[0], tf.cast(shape[1], tf.float32)
+    def uniform(high=1.0):
+        return tf.random.uniform([batch, 1, 1, 1], 0.0, high)
+    half = uniform(PATCH_GAUSSIAN_SIDE) * size / 2
+    centre_y, centre_x = uniform(size), uniform(size)
+    pixels = tf.range(size) + 0.5
+    inside = ((tf.abs(pixels[None, :, None, None] - centre_y) < half)
+              & (tf.abs(pixels[None, None, :, None] - centre_x) < half))
+    noise = tf.random.normal(shape) * uniform(cfg.patch_gaussian)
+    return tf.clip_by_value(images + tf.where(inside, noise, 0.0), 0.0, 255.0)
+
+
 def apr(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     """With chance cfg.apr, give an image the Fourier amplitude of another image of the batch, channel by channel,
     keeping its own phase (APR-P, Chen et al., ICCV 2021).
@@ -526,7 +547,7 @@ OP_FAMILY = {"_gaussian_noise": "noise", "_salt_pepper": "noise", "_brightness":
              "_zoom": "geometry", "_blur": "blur"}
 FAMILY_FIELDS = {"geometry": ("flip", "rot90", "rotation", "zoom", "shift", "shear", "black_fill", "augmix"),
                  "colour": ("contrast", "brightness", "saturation", "hue", "randconv", "augmix", "apr"),
-                 "noise": ("noise_std", "apr"), "blur": ("blur", "apr"), "occlusion": ("erase",)}
+                 "noise": ("noise_std", "patch_gaussian", "apr"), "blur": ("blur", "apr"), "occlusion": ("erase",)}
 RANDAUGMENT_GEOMETRY = ("RandomShear", "RandomTranslation")  # the rest of its transforms change colour
 RANDAUGMENT_STDDEV = 0.15  # keras-cv RandAugment's default magnitude_stddev, which make_randaugment keeps
 
@@ -648,6 +669,8 @@ def augment_batch(images: tf.Tensor, cfg: Config, randaugment=None) -> tf.Tensor
     if cfg.augmix > 0:
         images = augmix(images, cfg)
     images = colour(images, cfg)
+    if cfg.patch_gaussian > 0:
+        images = patch_gaussian(images, cfg)
     if cfg.blur > 0:
         images = blur(images, cfg)
     if cfg.erase > 0:

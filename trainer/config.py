@@ -126,6 +126,10 @@ class Config:
                         "its own phase and mean colour (after APR-P, Chen et al., ICCV 2021): outline and layout "
                         "stay, contrast, sharpness and texture come from another cell; 0 = off", TRANSFORMS,
                         low=0.0, high=1.0, off=0.0)
+    patch_gaussian: float = option(0.0, "max std (0-255 units) of Gaussian noise that every image gets inside one "
+                                   "square patch, its side up to 3/4 of the image's and its std uniform up to this "
+                                   "(Patch Gaussian, Lopes et al., 2019); 0 = off", TRANSFORMS, low=0.0, high=255.0,
+                                   off=0.0)
     mixup_alpha: float = option(0.0, "mixup Beta(alpha, alpha) mixing; 0 = off", TRANSFORMS, low=0.0, high=10.0,
                                 off=0.0)
     cutmix_alpha: float = option(0.0, "CutMix Beta(alpha, alpha) patch mixing; 0 = off", TRANSFORMS, low=0.0,

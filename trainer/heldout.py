@@ -39,6 +39,7 @@ TRAINING_OPS = {
     # Another cell's Fourier amplitude under this cell's phase: another contrast, sharpness and grain (the
     # mottled backgrounds look a little like the held-out grain; docs/robustness.md says so beside its figures).
     "apr": (("contrast", "gaussian_blur", "gaussian_noise"), "--apr"),
+    "patch_gaussian": (("gaussian_noise",), "--patch-gaussian"),  # i.i.d. noise, only inside a square
     "_gaussian_noise": (("gaussian_noise",), "--corrupt"),
     "_salt_pepper": (("salt_pepper",), "--corrupt"),
     "_brightness": (("brightness",), "--corrupt"),
@@ -66,7 +67,7 @@ STAGE_FLAGS = {
     "contrast": ("contrast",), "brightness": ("brightness",), "saturation": ("saturation",), "hue": ("hue",),
     "noise_std": ("gaussian_noise",), "blur": ("gaussian_blur",), "erase": ("patches",),
     "randconv": ("channel_swap", "hue", "saturation"), "augmix": ("contrast", "brightness", "rotate", "shear", "shift"),
-    "apr": ("contrast", "gaussian_blur", "gaussian_noise"),
+    "apr": ("contrast", "gaussian_blur", "gaussian_noise"), "patch_gaussian": ("gaussian_noise",),
 }
 RANDAUGMENT_LAYERS = {  # keras-cv class: what it does to a cell, as the suite names it
     "AutoContrast": ("contrast",), "Equalization": ("contrast",), "Solarization": ("brightness",),
