@@ -76,19 +76,22 @@ def geometry(images: tf.Tensor, cfg: Config, seed: tf.Tensor | None = None) -> t
     return tf.cond(tf.random.uniform([]) < cfg.black_fill, lambda: warp("CONSTANT"), lambda: warp("REFLECT"))
 
 
+def per_image(images: tf.Tensor, low=0.0, high=1.0) -> tf.Tensor:
+    """One uniform draw in [low, high) per image of the batch, shaped (batch, 1, 1, 1) to broadcast over pixels."""
+    return tf.random.uniform([tf.shape(images)[0], 1, 1, 1], low, high)
+
+
 def colour(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     """Contrast, brightness, colour degeneration, hue and Gaussian noise, each strength from the config."""
     batch = tf.shape(images)[0]
-    def uniform(low, high):
-        return tf.random.uniform([batch, 1, 1, 1], low, high)
     if cfg.contrast > 0:
         mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
-        images = (images - mean) * uniform(1 - cfg.contrast, 1 + cfg.contrast) + mean
+        images = (images - mean) * per_image(images, 1 - cfg.contrast, 1 + cfg.contrast) + mean
     if cfg.brightness > 0:
-        images = images + uniform(-cfg.brightness, cfg.brightness) * 255.0
+        images = images + per_image(images, -cfg.brightness, cfg.brightness) * 255.0
     if cfg.saturation > 0:
         grey = tf.reduce_mean(images, axis=3, keepdims=True)
-        keep = 1.0 - uniform(0.0, cfg.saturation)
+        keep = 1.0 - per_image(images, 0.0, cfg.saturation)
         images = grey + (images - grey) * keep
     if cfg.hue > 0:
         images = tf.clip_by_value(images, 0, 255) / 255.0
@@ -96,7 +99,7 @@ def colour(images: tf.Tensor, cfg: Config) -> tf.Tensor:
         images = tf.map_fn(lambda a: tf.image.adjust_hue(a[0], a[1]), (images, delta),
                            fn_output_signature=tf.float32) * 255.0
     if cfg.noise_std > 0:
-        images = images + tf.random.normal(tf.shape(images)) * uniform(0.0, cfg.noise_std)
+        images = images + tf.random.normal(tf.shape(images)) * per_image(images, 0.0, cfg.noise_std)
     return tf.clip_by_value(images, 0.0, 255.0)
 
 
@@ -237,16 +240,13 @@ def patch_gaussian(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     to PATCH_GAUSSIAN_SIDE of the image's, its centre anywhere (a border may cut it), its std uniform up to
     cfg.patch_gaussian. Noise teaches a model to ignore fine detail; confined to a patch, the rest of the cell
     keeps its detail to learn from."""
-    shape = tf.shape(images)
-    batch, size = shape[0], tf.cast(shape[1], tf.float32)
-    def uniform(high=1.0):
-        return tf.random.uniform([batch, 1, 1, 1], 0.0, high)
-    half = uniform(PATCH_GAUSSIAN_SIDE) * size / 2
-    centre_y, centre_x = uniform(size), uniform(size)
+    size = tf.cast(tf.shape(images)[1], tf.float32)
+    half = per_image(images, 0.0, PATCH_GAUSSIAN_SIDE) * size / 2
+    centre_y, centre_x = per_image(images, 0.0, size), per_image(images, 0.0, size)
     pixels = tf.range(size) + 0.5
     inside = ((tf.abs(pixels[None, :, None, None] - centre_y) < half)
               & (tf.abs(pixels[None, None, :, None] - centre_x) < half))
-    noise = tf.random.normal(shape) * uniform(cfg.patch_gaussian)
+    noise = tf.random.normal(tf.shape(images)) * per_image(images, 0.0, cfg.patch_gaussian)
     return tf.clip_by_value(images + tf.where(inside, noise, 0.0), 0.0, 255.0)
 
 
