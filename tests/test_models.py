@@ -210,3 +210,89 @@ def test_blur_pool_model_saves_and_loads(tmp_path):
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
     np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(model(x)), atol=1e-6)
+
+
+def _channel_stats(x):
+    return x.mean(axis=(1, 2)), x.std(axis=(1, 2))
+
+
+def test_feature_jitter_moves_each_images_channel_statistics_by_the_batch_spread_in_training_only():
+    from trainer.models import FeatureJitter
+    keras.utils.set_random_seed(5)
+    rng = np.random.default_rng(5)
+    # 64 feature maps whose channel means and spreads differ from image to image, as after a ReLU block
+    # (spreads far above their own spread across the batch, so no move takes one below zero)
+    x = (rng.normal(0, 1, (64, 12, 12, 4)) * rng.uniform(2.0, 3.0, (64, 1, 1, 4))
+         + rng.uniform(1.0, 9.0, (64, 1, 1, 4))).astype(np.float32)
+    mean, std = _channel_stats(x)
+    everyone = FeatureJitter(rate=1.0)
+    np.testing.assert_array_equal(np.asarray(everyone(x, training=False)), x)
+    np.testing.assert_array_equal(np.asarray(FeatureJitter(rate=0.0)(x, training=True)), x)
+    out = np.asarray(everyone(x, training=True))
+    new_mean, new_std = _channel_stats(out)
+    # only the statistics move: each standardised map stays what it was
+    assert new_std.min() > 0.5
+    z_in = (x - mean[:, None, None]) / std[:, None, None]
+    z_out = (out - new_mean[:, None, None]) / new_std[:, None, None]
+    np.testing.assert_allclose(z_out, z_in, atol=2e-3)
+    # each channel's move, in units of how much that channel's statistic spreads across the batch, is N(0, 1)
+    for moved in ((new_mean - mean) / mean.std(0), (new_std - std) / std.std(0)):
+        assert 0.75 < moved.std() < 1.25 and abs(moved.mean()) < 0.3, (moved.std(), moved.mean())
+    half = np.asarray(FeatureJitter(rate=0.5)(x, training=True))
+    untouched = np.all(half == x, axis=(1, 2, 3)).mean()
+    assert 0.25 < untouched < 0.75, untouched
+
+
+def test_feature_jitter_model_predicts_alike_every_time_and_saves(tmp_path):
+    from trainer.evaluate import train_vs_inference_mode
+    from trainer.models import FeatureJitter
+    model = build_model(make_config("smoke", width=8, dense_units=16, feature_jitter=1.0, seed=2))
+    assert sum(isinstance(layer, FeatureJitter) for layer in model.layers) == 4  # after the stem and 3 blocks
+    x = np.random.default_rng(0).integers(0, 256, (16, 96, 96, 3)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(model(x)))
+    # Keras' training mode moves them; the check of training against inference mode switches them off
+    assert np.abs(np.asarray(model(x, training=True)) - np.asarray(model(x, training=True))).max() > 1e-4
+    # A head without the hidden units' shared level, so that small moves of the features change labels
+    head = model.get_layer("probs")
+    kernel, bias = head.get_weights()
+    head.set_weights([kernel - kernel.mean(axis=0, keepdims=True), bias * 0])
+    jitters = [layer for layer in model.layers if isinstance(layer, FeatureJitter)]
+    resting = jitters + [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+    rates = [layer.rate for layer in resting]
+    for layer in resting:
+        layer.rate = 0.0
+    still = np.asarray(model(x, training=True)).argmax(1)  # training mode's labels with these layers at rest
+    for layer, rate in zip(resting, rates):
+        layer.rate = rate
+    assert train_vs_inference_mode(model, x, still, batch_size=16)["training_mode_accuracy"] == 1.0
+    assert all(layer.rate == 1.0 for layer in jitters)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(model(x)), atol=1e-6)
+
+
+def test_instance_norm_divides_out_each_images_channel_gain_and_offset(real_slice):
+    from trainer.models import InstanceNorm
+    cells = real_slice[0][:8].astype(np.float32)
+    rng = np.random.default_rng(1)
+    changed = cells * rng.uniform(0.3, 2.0, (8, 1, 1, 3)) + rng.uniform(-50, 50, (8, 1, 1, 3))
+    norm = InstanceNorm()
+    before, after = np.asarray(norm(cells)), np.asarray(norm(changed))
+    np.testing.assert_allclose(before.mean(axis=(1, 2)), 0.0, atol=1e-3)
+    np.testing.assert_allclose(before.std(axis=(1, 2)), 1.0, rtol=1e-3)
+    np.testing.assert_allclose(after, before, atol=2e-3)
+    norm.gamma.assign([2.0, 1.0, 0.5])
+    norm.beta.assign([1.0, 0.0, -1.0])
+    np.testing.assert_allclose(np.asarray(norm(cells)).mean(axis=(1, 2)), np.tile([1.0, 0.0, -1.0], (8, 1)), atol=1e-3)
+
+
+def test_instance_norm_model_normalises_half_the_early_channels_and_saves(tmp_path):
+    from trainer.models import InstanceNorm
+    model = build_model(make_config("smoke", width=8, dense_units=16, instance_norm=True, seed=2))
+    norms = [layer for layer in model.layers if isinstance(layer, InstanceNorm)]
+    # the stem and the first three blocks' two convolutions each; the last block keeps BatchNorm alone
+    assert [layer.gamma.shape[0] for layer in norms] == [4, 4, 4, 8, 8, 16, 16]
+    x = np.random.default_rng(0).integers(0, 256, (3, 96, 96, 3)).astype(np.float32)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(model(x)), atol=1e-6)

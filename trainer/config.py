@@ -160,6 +160,13 @@ class Config:
     blur_pool: bool = option(False, "vanilla_cnn: anti-aliased max pooling (Zhang, ICML 2019): the max of each "
                              "2x2 window at every position, then a 3x3 binomial blur before one pixel in four is "
                              "kept; about 5% slower steps on 2 cores", MODEL)
+    feature_jitter: float = option(0.0, "vanilla_cnn, training only: share of the images whose per-channel "
+                                   "feature means and spreads move at random, after the stem and the first "
+                                   "three blocks (DSU, Li et al., ICLR 2022); 0 = off", MODEL, low=0.0, high=1.0)
+    instance_norm: bool = option(False, "vanilla_cnn: half the channels of each convolution in the stem and the "
+                                 "first three blocks normalised per image instead of per batch, in model.onnx too "
+                                 "(IBN-a, Pan et al., ECCV 2018), so a change to a feature map's overall strength "
+                                 "divides out there", MODEL)
 
     # training
     optimizer: str = option("nadam", "nadam, adamw, adam, sgd, rmsprop or lion", TRAINING,

@@ -75,7 +75,10 @@ def train_vs_inference_mode(model, images: np.ndarray, labels: np.ndarray, batch
         return {"skipped": no_batchnorm_reason(model)}
     batch_size = batch_size or batch_size_for(model)
     x = images.astype(np.float32)
-    dropouts = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.Dropout)]
+    from .models import FeatureJitter
+    # FeatureJitter moves features at random in training mode, as Dropout does; both rest at rate 0.
+    dropouts = [layer for layer in model._flatten_layers()
+                if isinstance(layer, (keras.layers.Dropout, FeatureJitter))]
     rates = [d.rate for d in dropouts]
     moments = [bn.momentum for bn in bns]
     train_pred, infer_pred = [], []

@@ -86,6 +86,52 @@ class BlurPool(layers.Layer):
         return keras.ops.depthwise_conv(x, keras.ops.cast(kernel, x.dtype), strides=2, padding="valid")
 
 
+@keras.saving.register_keras_serializable(package="trainer")
+class InstanceNorm(layers.Layer):
+    """Each channel of each image's feature map to zero mean and unit spread, then a learned scale and shift: the
+    per-image normalisation of IBN-Net (Pan et al., ECCV 2018), at inference as in training."""
+
+    def build(self, input_shape):
+        self.gamma = self.add_weight(shape=(input_shape[-1],), initializer="ones", name="gamma")
+        self.beta = self.add_weight(shape=(input_shape[-1],), initializer="zeros", name="beta")
+
+    def call(self, x):
+        def mean(v):  # rows, then their means: short float32 sums round alike in Keras and ONNX (ChannelNorm)
+            return keras.ops.mean(keras.ops.mean(v, axis=2, keepdims=True), axis=1, keepdims=True)
+        centred = x - mean(x)
+        return centred / keras.ops.sqrt(mean(centred * centred) + 1e-3) * self.gamma + self.beta
+
+
+@keras.saving.register_keras_serializable(package="trainer")
+class FeatureJitter(layers.Layer):
+    """Training only: an image's per-channel feature mean and spread, each moved at random by about as much as it
+    varies across the batch (DSU, Li et al., ICLR 2022), so the layers after it cannot lean on how strong a
+    feature map is overall: the thing blur, contrast and stain change. The identity at inference."""
+
+    def __init__(self, rate: float = 0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.rate = rate  # share of the images moved; 0 switches the layer off, as a Dropout's rate does
+        self.generator = keras.random.SeedGenerator()
+
+    def call(self, x, training=None):
+        if not training or self.rate <= 0:
+            return x
+        ops = keras.ops
+        mean = ops.mean(x, axis=(1, 2), keepdims=True)
+        std = ops.sqrt(ops.var(x, axis=(1, 2), keepdims=True) + 1e-6)
+        shape = ops.shape(mean)
+        # How far each channel's statistics spread across this batch sets how far one image's may move.
+        new_mean = mean + keras.random.normal(shape, seed=self.generator) * ops.std(mean, axis=0, keepdims=True)
+        new_std = std + keras.random.normal(shape, seed=self.generator) * ops.std(std, axis=0, keepdims=True)
+        # A negative spread would flip the sign of the feature map, which no damage to a smear does.
+        moved = (x - mean) / std * ops.maximum(new_std, 0.0) + new_mean
+        chosen = ops.cast(keras.random.uniform((shape[0], 1, 1, 1), seed=self.generator) < self.rate, x.dtype)
+        return chosen * moved + (1.0 - chosen) * x
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate}
+
+
 def depthwise_rebuild(model: keras.Model) -> keras.Model:
     """Clone a model with every grouped Conv2D that is really depthwise rebuilt as DepthwiseConv2D.
 
@@ -145,24 +191,32 @@ def vanilla_cnn(x, cfg: Config):
     """A small VGG-style CNN that trains from scratch on a CPU: stride-2 stem, four conv blocks."""
     reg = keras.regularizers.l2(cfg.l2) if cfg.l2 > 0 else None
 
-    def conv_bn(x, filters, strides=1):
+    def conv_bn(x, filters, strides=1, per_image=False):
         x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, kernel_regularizer=reg)(x)
+        if per_image:  # IBN-a: half the channels per image, half per batch
+            half = filters // 2
+            per_batch = layers.BatchNormalization(momentum=0.9)(x[..., half:])
+            return layers.Activation("relu")(layers.Concatenate()([InstanceNorm()(x[..., :half]), per_batch]))
         # momentum 0.9: the moving statistics catch up within an epoch, so inference mode matches training mode
         x = layers.BatchNormalization(momentum=0.9)(x)
         return layers.Activation("relu")(x)
 
     x = Preprocess(spec_of("vanilla_cnn").preprocess, name="preprocess")(x)
     # The stem stays a strided convolution even with blur_pool: at full size it would double the cost of a step.
-    x = conv_bn(x, cfg.width, strides=2)
+    x = conv_bn(x, cfg.width, strides=2, per_image=cfg.instance_norm)
+    if cfg.feature_jitter > 0:
+        x = FeatureJitter(cfg.feature_jitter)(x)
     for i, mult in enumerate((1, 2, 4, 8)):
         # The 48x48 block costs the most per image: one of its two convolutions is the cheap thing to drop.
         for _ in range(cfg.first_block_convs if i == 0 else 2):
-            x = conv_bn(x, cfg.width * mult)
+            x = conv_bn(x, cfg.width * mult, per_image=cfg.instance_norm and i < 3)
         if i < 3 and cfg.blur_pool:
             # the max of each 2x2 window at every position, then the blur subsamples (Zhang's MaxBlurPool)
             x = BlurPool()(layers.MaxPooling2D(pool_size=2, strides=1, padding="same")(x))
         elif i < 3:
             x = layers.MaxPooling2D()(x)
+        if i < 3 and cfg.feature_jitter > 0:
+            x = FeatureJitter(cfg.feature_jitter)(x)
     return x
 
 
