@@ -191,12 +191,18 @@ def vanilla_cnn(x, cfg: Config):
     """A small VGG-style CNN that trains from scratch on a CPU: stride-2 stem, four conv blocks."""
     reg = keras.regularizers.l2(cfg.l2) if cfg.l2 > 0 else None
 
+    def conv(x, filters, strides):
+        return layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, kernel_regularizer=reg)(x)
+
     def conv_bn(x, filters, strides=1, per_image=False):
-        x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, kernel_regularizer=reg)(x)
-        if per_image:  # IBN-a: half the channels per image, half per batch
+        if per_image:
+            # IBN-a: half the channels per image, half per batch. Two convolutions of half the filters compute
+            # what one would; slicing one convolution's output instead made a training step 1.4x as long.
             half = filters // 2
-            per_batch = layers.BatchNormalization(momentum=0.9)(x[..., half:])
-            return layers.Activation("relu")(layers.Concatenate()([InstanceNorm()(x[..., :half]), per_batch]))
+            x = [InstanceNorm()(conv(x, half, strides)),
+                 layers.BatchNormalization(momentum=0.9)(conv(x, filters - half, strides))]
+            return layers.Activation("relu")(layers.Concatenate()(x))
+        x = conv(x, filters, strides)
         # momentum 0.9: the moving statistics catch up within an epoch, so inference mode matches training mode
         x = layers.BatchNormalization(momentum=0.9)(x)
         return layers.Activation("relu")(x)
