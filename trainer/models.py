@@ -44,6 +44,13 @@ class Preprocess(layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
+def image_mean(v):
+    """Mean over height and width, kept as (N, 1, 1, C): the means of rows, then of those. Sums of 96 values, not
+    9,216, so float32 rounds alike in Keras and in any ONNX runtime (one long sum put 1e-4 between their
+    probabilities, over the export's parity limit)."""
+    return keras.ops.mean(keras.ops.mean(v, axis=2, keepdims=True), axis=1, keepdims=True)
+
+
 @keras.saving.register_keras_serializable(package="trainer")
 class ChannelNorm(layers.Layer):
     """Each channel of each image to mean 128 and standard deviation 64: the pixel scale the backbones expect,
@@ -54,19 +61,15 @@ class ChannelNorm(layers.Layer):
         self.robust = robust
 
     def call(self, x):
-        # Means of rows, then of those: sums of 96 values, not 9,216, so float32 rounds alike in Keras and in any
-        # ONNX runtime (one long sum put 1e-4 between their probabilities, over the export's parity limit).
-        def mean(v):
-            return keras.ops.mean(keras.ops.mean(v, axis=2, keepdims=True), axis=1, keepdims=True)
         if not self.robust:
-            centred = x - mean(x - 128.0) - 128.0
-            return centred / keras.ops.sqrt(mean(centred * centred) + 1.0) * 64.0 + 128.0
+            centred = x - image_mean(x - 128.0) - 128.0
+            return centred / keras.ops.sqrt(image_mean(centred * centred) + 1.0) * 64.0 + 128.0
         # robust: a gain per channel that brings the smear's background (the bright pixels, not clipped white)
         # to one neutral grey. A lamp's colour or a white balance is a gain, so it divides out; ink, dust or a
         # bubble over the cell leaves the background, and so the gain, nearly as it was.
         grey = keras.ops.mean(x, axis=-1, keepdims=True)
         weight = keras.ops.clip((grey - 120.0) / 40.0, 0.0, 1.0) * keras.ops.clip((250.0 - grey) / 10.0, 0.0, 1.0)
-        background = mean(weight * x) / (mean(weight) + 1e-3)
+        background = image_mean(weight * x) / (image_mean(weight) + 1e-3)
         return x * (200.0 / (background + 8.0))
 
     def get_config(self):
@@ -96,10 +99,8 @@ class InstanceNorm(layers.Layer):
         self.beta = self.add_weight(shape=(input_shape[-1],), initializer="zeros", name="beta")
 
     def call(self, x):
-        def mean(v):  # rows, then their means: short float32 sums round alike in Keras and ONNX (ChannelNorm)
-            return keras.ops.mean(keras.ops.mean(v, axis=2, keepdims=True), axis=1, keepdims=True)
-        centred = x - mean(x)
-        return centred / keras.ops.sqrt(mean(centred * centred) + 1e-3) * self.gamma + self.beta
+        centred = x - image_mean(x)
+        return centred / keras.ops.sqrt(image_mean(centred * centred) + 1e-3) * self.gamma + self.beta
 
 
 @keras.saving.register_keras_serializable(package="trainer")
@@ -199,9 +200,9 @@ def vanilla_cnn(x, cfg: Config):
             # IBN-a: half the channels per image, half per batch. Two convolutions of half the filters compute
             # what one would; slicing one convolution's output instead made a training step 1.4x as long.
             half = filters // 2
-            x = [InstanceNorm()(conv(x, half, strides)),
-                 layers.BatchNormalization(momentum=0.9)(conv(x, filters - half, strides))]
-            return layers.Activation("relu")(layers.Concatenate()(x))
+            halves = [InstanceNorm()(conv(x, half, strides)),
+                      layers.BatchNormalization(momentum=0.9)(conv(x, filters - half, strides))]
+            return layers.Activation("relu")(layers.Concatenate()(halves))
         x = conv(x, filters, strides)
         # momentum 0.9: the moving statistics catch up within an epoch, so inference mode matches training mode
         x = layers.BatchNormalization(momentum=0.9)(x)
