@@ -128,8 +128,7 @@ def blur(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     cols = reflect_blur_matrix(tf.shape(images)[2], cfg.blur)
     blurred = tf.einsum("ij,bjkc->bikc", rows, images)
     blurred = tf.einsum("kl,bilc->bikc", cols, blurred)
-    batch = tf.shape(images)[0]
-    amount = tf.random.uniform([batch, 1, 1, 1]) * tf.cast(tf.random.uniform([batch, 1, 1, 1]) < 0.5, tf.float32)
+    amount = per_image(images) * tf.cast(per_image(images) < 0.5, tf.float32)
     return tf.clip_by_value(images + (blurred - images) * amount, 0.0, 255.0)  # sums can round past 255
 
 
@@ -171,12 +170,12 @@ def erase(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     chosen = tf.random.uniform([batch, 1, 1]) < cfg.erase
     mask = tf.cast(inside & chosen, tf.float32)[..., None]
     if cfg.erase_opacity < 1.0:  # a translucent patch: occlusion the cell shows through, as glare or a film would
-        mask *= tf.random.uniform([batch, 1, 1, 1], cfg.erase_opacity, 1.0)
+        mask *= per_image(images, cfg.erase_opacity, 1.0)
     flat = tf.random.uniform([batch, 1, 1, 3], 0, 255)
     if cfg.erase_fill == "extremes":
         pick = tf.random.uniform([batch, 1, 1, 1], 0, 3, tf.int32)  # 0: any colour, 1: black, 2: white
         flat = tf.where(pick == 1, 0.0, tf.where(pick == 2, 255.0, flat))
-    use_noise = tf.random.uniform([batch, 1, 1, 1]) < 0.5
+    use_noise = per_image(images) < 0.5
     fill = tf.where(use_noise, tf.random.uniform(shape, 0, 255), flat + tf.zeros_like(images))
     return images * (1 - mask) + fill * mask
 
@@ -463,7 +462,7 @@ def _grid_mask(x, s):
     ox = tf.random.uniform([batch, 1, 1], 0, 32, tf.int32)
     rows, cols = tf.range(shape[1])[None, :, None], tf.range(shape[2])[None, None, :]
     hidden = tf.cast(((rows + oy) % period < hole) & ((cols + ox) % period < hole), tf.float32)[..., None]
-    fill = tf.where(tf.random.uniform([batch, 1, 1, 1]) < 0.5, 0.0, tf.random.uniform([batch, 1, 1, 3], 0, 255))
+    fill = tf.where(per_image(x) < 0.5, 0.0, tf.random.uniform([batch, 1, 1, 3], 0, 255))
     return x * (1 - hidden) + fill * hidden
 
 
