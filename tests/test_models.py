@@ -293,6 +293,13 @@ def test_instance_norm_model_normalises_half_the_early_channels_and_saves(tmp_pa
     norms = [layer for layer in model.layers if isinstance(layer, InstanceNorm)]
     # the stem and the first three blocks' two convolutions each; the last block keeps BatchNorm alone
     assert [layer.gamma.shape[0] for layer in norms] == [4, 4, 4, 8, 8, 16, 16]
+    blocks_only = build_model(make_config("smoke", width=8, dense_units=16, instance_norm=True,
+                                          instance_norm_stem=False, seed=2))
+    # --instance-norm-stem false: the stem's 8 channels all go through BatchNorm, the blocks keep their halves
+    stem = next(layer for layer in blocks_only.layers if isinstance(layer, keras.layers.Conv2D))
+    assert stem.filters == 8
+    assert [layer.gamma.shape[0] for layer in blocks_only.layers
+            if isinstance(layer, InstanceNorm)] == [4, 4, 8, 8, 16, 16]
     x = np.random.default_rng(0).integers(0, 256, (3, 96, 96, 3)).astype(np.float32)
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")

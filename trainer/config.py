@@ -167,6 +167,8 @@ class Config:
                                  "first three blocks normalised per image instead of per batch, in model.onnx too "
                                  "(IBN-a, Pan et al., ECCV 2018), so a change to a feature map's overall strength "
                                  "divides out there", MODEL)
+    instance_norm_stem: bool = option(True, "vanilla_cnn with instance_norm: the stem's convolution too; false = "
+                                      "the first three blocks only, the stem on BatchNorm alone", MODEL)
 
     # training
     optimizer: str = option("nadam", "nadam, adamw, adam, sgd, rmsprop or lion", TRAINING,

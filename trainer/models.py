@@ -210,7 +210,7 @@ def vanilla_cnn(x, cfg: Config):
 
     x = Preprocess(spec_of("vanilla_cnn").preprocess, name="preprocess")(x)
     # The stem stays a strided convolution even with blur_pool: at full size it would double the cost of a step.
-    x = conv_bn(x, cfg.width, strides=2, per_image=cfg.instance_norm)
+    x = conv_bn(x, cfg.width, strides=2, per_image=cfg.instance_norm and cfg.instance_norm_stem)
     if cfg.feature_jitter > 0:
         x = FeatureJitter(cfg.feature_jitter)(x)
     for i, mult in enumerate((1, 2, 4, 8)):
