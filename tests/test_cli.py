@@ -102,3 +102,47 @@ def test_flag_the_model_ignores_gets_a_warning_and_bad_values_an_error():
     assert "warning" not in trainer("config", "--profile", "cpu", "--width", "24").stderr
     done = trainer("config", "--profile", "cpu", "--dropout", "1.5")
     assert done.returncode == 2 and done.stderr.startswith("error: --dropout is 1.5; use a value from 0.0 to 0.95")
+
+
+def test_flag_another_setting_switches_off_gets_a_warning():
+    done = trainer("config", "--profile", "cpu", "--erase", "0", "--erase-opacity", "0.3")
+    assert done.returncode == 0, done.stderr
+    assert "warning: --erase-opacity acts only with --erase above 0, and --erase is 0.0; it is ignored" \
+        in done.stderr, done.stderr
+    assert json.loads(done.stdout)["erase_opacity"] == 0.3, "a warning, not a refusal: the value is kept"
+    assert "warning" not in trainer("config", "--profile", "cpu", "--erase-opacity", "0.3").stderr
+    done = trainer("config", "--profile", "cpu", "--patience", "3")  # the cpu profile runs the cosine schedule
+    assert "--patience acts only with --schedule plateau, and --schedule is cosine" in done.stderr, done.stderr
+    assert "warning" not in trainer("config", "--profile", "cpu", "--schedule", "plateau", "--patience", "3").stderr
+    # a flag the model ignores says so once, whatever it depends on
+    done = trainer("config", "--profile", "gpu", "--instance-norm-stem", "false")
+    assert done.stderr.count("warning") == 1 and "does not apply to convnext_base" in done.stderr, done.stderr
+
+
+# For each field another one switches on: settings where it is on, and where it is off.
+SWITCHES = {"erase": ({"erase": 0.5}, {"erase": 0.0}), "corrupt": ({"corrupt": 0.5}, {"corrupt": 0.0}),
+            "pixmix": ({"pixmix": 0.3}, {"pixmix": 0.0}),
+            "randaugment": ({"randaugment": True}, {"randaugment": False}),
+            "instance_norm": ({"instance_norm": True}, {"instance_norm": False}),
+            "schedule": ({"schedule": "plateau"}, {"schedule": "cosine"}),
+            "fine_tune_epochs": ({"fine_tune_epochs": 5}, {"fine_tune_epochs": 0}),
+            "swa": ({"swa": 0.25}, {"swa": 0.0}), "low_res_size": ({"low_res_size": 64}, {"low_res_size": 0})}
+
+
+def test_every_dependent_setting_warns_exactly_when_its_switch_is_off():
+    from trainer.config import make_config, validate
+    from trainer.registry import spec_of
+    dependent = [f for f in fields(Config) if f.metadata["needs"] is not None]
+    assert {f.name for f in dependent} >= {"erase_opacity", "corrupt_blur", "instance_norm_stem", "patience"}
+    for f in dependent:
+        needs = f.metadata["needs"]
+        switch = needs if isinstance(needs, str) else needs[0]
+        assert switch in SWITCHES, f"{f.name} needs {switch!r}: add it to SWITCHES"
+        on, off = SWITCHES[switch]
+        # a model that reads the field, so the only reason to warn is the switch
+        model = "convnext_tiny" if spec_of("vanilla_cnn").ignores(f.name) else "vanilla_cnn"
+        assert validate(make_config("cpu", model=model, **on), [f.name]) == [], f.name
+        warnings = validate(make_config("cpu", model=model, **off), [f.name])
+        flag = "--" + f.name.replace("_", "-")
+        assert len(warnings) == 1 and warnings[0].startswith(f"warning: {flag} acts only with --"
+                                                             f"{switch.replace('_', '-')}"), (f.name, warnings)

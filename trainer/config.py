@@ -21,11 +21,12 @@ CORRUPTION_FAMILIES = ("noise", "blur", "colour", "geometry", "compression", "oc
 
 
 def option(default, help: str, group: str, *, choices=None, low=None, high=None, resume: bool = False,
-           off=None):
+           off=None, needs=None):
     """A Config field with its metadata: help line, group, choices or range (inclusive), whether a resumed run may
-    change it, and (augmentation fields) the value that turns it off."""
+    change it, (augmentation fields) the value that turns it off, and the field it refines: needs = "erase" (it acts
+    only while erase is on: above 0, true) or ("schedule", "plateau") (only while schedule is plateau)."""
     return field(default=default, metadata=dict(help=help, group=group, choices=choices, low=low, high=high,
-                                                resume=resume, off=off))
+                                                resume=resume, off=off, needs=needs))
 
 
 @dataclass
@@ -72,10 +73,11 @@ class Config:
     # augmentation: stage 2, random transforms
     randaugment: bool = option(True, "keras-cv RandAugment", TRANSFORMS, off=False)
     randaugment_magnitude: float = option(0.3, "RandAugment strength, 0 to 1", TRANSFORMS, low=0.0, high=1.0,
-                                          off=0.0)
-    randaugment_layers: int = option(2, "RandAugment transforms per image", TRANSFORMS, low=0, high=10, off=0)
+                                          off=0.0, needs="randaugment")
+    randaugment_layers: int = option(2, "RandAugment transforms per image", TRANSFORMS, low=0, high=10, off=0,
+                                     needs="randaugment")
     randaugment_rate: float = option(0.7, "chance each RandAugment transform is applied", TRANSFORMS, low=0.0,
-                                     high=1.0, off=0.0)
+                                     high=1.0, off=0.0, needs="randaugment")
     contrast: float = option(0.2, "max contrast change, fraction", TRANSFORMS, low=0.0, high=1.0, off=0.0)
     brightness: float = option(0.15, "max brightness change, fraction of 255", TRANSFORMS, low=0.0, high=1.0,
                                off=0.0)
@@ -90,30 +92,31 @@ class Config:
     erase_fill: str = option("random", "what a random-erasing patch holds when it is a flat colour (half the "
                              "time; else noise): random = any colour; extremes = black a third of the time, white a "
                              "third, any colour the rest (a blot of ink, a glare)", TRANSFORMS,
-                             choices=("random", "extremes"), off="random")
+                             choices=("random", "extremes"), off="random", needs="erase")
     erase_shape: str = option("rectangle", "outline of a random-erasing patch: rectangle, or blot = a ragged blob "
                               "inside the same box (smoothed random noise cut by a threshold)", TRANSFORMS,
-                              choices=("rectangle", "blot"), off="rectangle")
+                              choices=("rectangle", "blot"), off="rectangle", needs="erase")
     erase_opacity: float = option(1.0, "least opacity of a random-erasing patch, drawn up to 1 per patch: below 1 "
                                   "some patches are translucent veils the cell shows through; 1 = opaque", TRANSFORMS,
-                                  low=0.0, high=1.0, off=1.0)
+                                  low=0.0, high=1.0, off=1.0, needs="erase")
     corrupt: float = option(0.0, "chance an image gets the corruption stage (noise, colour, grid...); 0 = off",
                             TRANSFORMS, low=0.0, high=1.0, off=0.0)
     corrupt_ops: int = option(2, "a corrupted image gets 1 to this many corruptions", TRANSFORMS, low=1, high=6,
-                              off=1)
+                              off=1, needs="corrupt")
     corrupt_strength: float = option(1.0, "1 = up to the suite's severity 5 (see trainer/corrupt.py)", TRANSFORMS,
-                                     low=0.0, high=2.0, off=0.0)
-    corrupt_jpeg: bool = option(False, "JPEG artefacts in the corruption stage too", TRANSFORMS, off=False)
+                                     low=0.0, high=2.0, off=0.0, needs="corrupt")
+    corrupt_jpeg: bool = option(False, "JPEG artefacts in the corruption stage too", TRANSFORMS, off=False,
+                                needs="corrupt")
     corrupt_zoom: float = option(0.0, "a strong zoom in the corruption stage: up to 1 + this in or out; 0 = off",
-                                 TRANSFORMS, low=0.0, high=2.0, off=0.0)
+                                 TRANSFORMS, low=0.0, high=2.0, off=0.0, needs="corrupt")
     corrupt_blur: float = option(0.0, "a strong Gaussian blur in the corruption stage: sigma up to this; 0 = off",
-                                 TRANSFORMS, low=0.0, high=5.0, off=0.0)
+                                 TRANSFORMS, low=0.0, high=5.0, off=0.0, needs="corrupt")
     pixmix: float = option(0.0, "chance an image is blended with a random structured picture, added or multiplied "
                            "in (after PixMix, Hendrycks et al., CVPR 2022; our pictures are 1/f textures with no "
                            "ramp across the crop, not their fractals); 0 = off", TRANSFORMS, low=0.0, high=1.0,
                            off=0.0)
     pixmix_weight: float = option(0.5, "most weight a PixMix picture gets in the blend (drawn uniformly up to "
-                                  "this)", TRANSFORMS, low=0.0, high=1.0, off=0.0)
+                                  "this)", TRANSFORMS, low=0.0, high=1.0, off=0.0, needs="pixmix")
     randconv: float = option(0.0, "chance an image is mixed with itself seen through a random convolution (after "
                              "RandConv, Xu et al., ICLR 2021): a 1, 3, 5 or 7 px kernel with Gaussian weights, new "
                              "each batch, brightness and contrast kept, the original's weight uniform in [0, 1]; "
@@ -168,7 +171,8 @@ class Config:
                                  "(IBN-a, Pan et al., ECCV 2018), so a change to a feature map's overall strength "
                                  "divides out there", MODEL)
     instance_norm_stem: bool = option(True, "vanilla_cnn with instance_norm: the stem's convolution too; false = "
-                                      "the first three blocks only, the stem on BatchNorm alone", MODEL)
+                                      "the first three blocks only, the stem on BatchNorm alone", MODEL,
+                                      needs="instance_norm")
 
     # training
     optimizer: str = option("nadam", "nadam, adamw, adam, sgd, rmsprop or lion", TRAINING,
@@ -182,19 +186,20 @@ class Config:
                          resume=True)
     steps_per_epoch: int = option(0, "steps an epoch; 0 = one pass over the training set", TRAINING, low=0)
     patience: int = option(8, "plateau schedule: early stopping after this many epochs without better val "
-                           "accuracy", TRAINING, low=1)
+                           "accuracy", TRAINING, low=1, needs=("schedule", "plateau"))
     lr_patience: int = option(3, "plateau schedule: halve-style LR drop after this many epochs without better val "
-                              "loss", TRAINING, low=1)
+                              "loss", TRAINING, low=1, needs=("schedule", "plateau"))
     lr_factor: float = option(0.5, "plateau schedule: factor of each learning-rate drop", TRAINING, low=0.01,
-                              high=0.99)
+                              high=0.99, needs=("schedule", "plateau"))
     schedule: str = option("plateau", "plateau: ReduceLROnPlateau + early stopping; cosine: decay to ~0 by the last "
                            "epoch or the end of the time budget, whichever comes first", TRAINING,
                            choices=("plateau", "cosine"))
     fine_tune_epochs: int = option(0, "pretrained backbones: a second phase with the backbone unfrozen", TRAINING,
                                    low=0, resume=True)
     fine_tune_layers: int = option(0, "unfreeze the last N backbone layers in the second phase; 0 = all", TRAINING,
-                                   low=0)
-    fine_tune_lr: float = option(1e-5, "learning rate of the second phase", TRAINING, low=0.0, high=1.0)
+                                   low=0, needs="fine_tune_epochs")
+    fine_tune_lr: float = option(1e-5, "learning rate of the second phase", TRAINING, low=0.0, high=1.0,
+                                 needs="fine_tune_epochs")
     consistency: float = option(0.0, "weight of a Jensen-Shannon consistency loss between two augmented views of "
                                 "each image (Hendrycks et al., AugMix, ICLR 2020); a batch then holds batch_size/2 "
                                 "images twice, so an epoch costs about twice the time; 0 = off", TRAINING,
@@ -204,7 +209,8 @@ class Config:
                         "holds at --swa-lr and the model kept is the mean of the weights after each step there, "
                         "instead of the best epoch's; 0 = off", TRAINING, low=0.0, high=0.9)
     swa_lr: float = option(0.1, "the learning rate held while --swa averages the weights, as a share of the "
-                           "phase's learning rate; the cosine before it decays to this", TRAINING, low=0.0, high=1.0)
+                           "phase's learning rate; the cosine before it decays to this", TRAINING, low=0.0, high=1.0,
+                           needs="swa")
     mixed_precision: bool = option(False, "float16 on a GPU, bfloat16 on a CPU with AMX/AVX512-BF16, else off",
                                    TRAINING)
     xla: bool = option(False, "XLA-compile the training step (GPU only)", TRAINING)
@@ -213,7 +219,7 @@ class Config:
     low_res_size: int = option(0, "vanilla_cnn: train on images downscaled to this size first, then at 96; 0 = off",
                                TRAINING, low=0, high=95)
     low_res_share: float = option(0.5, "share of the time budget (of the epochs, without one) spent at "
-                                  "low_res_size", TRAINING, low=0.0, high=1.0)
+                                  "low_res_size", TRAINING, low=0.0, high=1.0, needs="low_res_size")
 
     # evaluation
     robustness_images: int = option(500, "images per family and severity in the robustness table, per held-out "
@@ -297,7 +303,8 @@ def flag(name: str) -> str:
 def validate(cfg: Config, given=()) -> list[str]:
     """Check every range, choice and combination in one place; raise ValueError naming the fix.
 
-    Returns warnings: one line for each field in `given` (the flags a user set) that cfg.model ignores.
+    Returns warnings: one line for each field in `given` (the flags a user set) that cfg.model ignores, or that
+    another setting switches off (--erase-opacity while --erase is 0).
     """
     for f in fields(Config):
         meta, value = f.metadata, getattr(cfg, f.name)
@@ -352,8 +359,49 @@ def validate(cfg: Config, given=()) -> list[str]:
             # The folds share one budget, so a switch by the budget's share would leave the later folds no low epochs.
             raise ValueError("--low-res-size with --folds switches by epochs, not by a shared time budget; use "
                              "--time-budget-min 0 (and --epochs) with --folds, or drop --folds")
-    return [f"warning: {flag(name)} does not apply to {cfg.model}; it is ignored" for name in given
-            if spec.ignores(name)]
+    warnings = []
+    for name in given:
+        if spec.ignores(name):
+            warnings.append(f"warning: {flag(name)} does not apply to {cfg.model}; it is ignored")
+        elif not _acts(cfg, name):
+            parent, value = _needs(name)
+            warnings.append(f"warning: {flag(name)} acts only with {flag(parent)} {_on_text(parent, value)}, and "
+                            f"{flag(parent)} is {_shown(getattr(cfg, parent))}; it is ignored")
+    return warnings
+
+
+def _needs(name: str) -> tuple[str, object]:
+    """The field that a field refines and the value it needs there (None = any value that is on)."""
+    needs = Config.__dataclass_fields__[name].metadata["needs"]
+    return (needs, None) if isinstance(needs, str) else needs
+
+
+def _acts(cfg: Config, name: str) -> bool:
+    """False when the field that `name` refines switches it off in cfg (--erase-opacity while --erase is 0)."""
+    if Config.__dataclass_fields__[name].metadata["needs"] is None:
+        return True
+    parent, value = _needs(name)
+    return getattr(cfg, parent) == value if value is not None else bool(getattr(cfg, parent))
+
+
+def _shown(value) -> str:
+    """A setting as a user types it on the command line: false, cosine, 0.0."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _needs_text(meta) -> str:
+    """" Acts only with --erase above 0." for a field that refines another; "" for the rest."""
+    if meta["needs"] is None:
+        return ""
+    parent, value = meta["needs"] if isinstance(meta["needs"], tuple) else (meta["needs"], None)
+    return f" Acts only with {flag(parent)} {_on_text(parent, value)}."
+
+
+def _on_text(parent: str, value) -> str:
+    """How a user switches the parent field on: "plateau", "true", "above 0"."""
+    if value is not None:
+        return str(value)
+    return "true" if Config.__dataclass_fields__[parent].type == "bool" else "above 0"
 
 
 def _parse_bool(text: str) -> bool:
@@ -376,7 +424,7 @@ def _span(meta) -> str:
 
 def _help_of(f: dataclasses.Field) -> str:
     span = "" if f.name == "model" else _span(f.metadata)  # the models: python -m trainer train --help is long
-    return f"{f.metadata['help']}{f' [{span}]' if span else ''} (default {f.default!r})"
+    return f"{f.metadata['help']}{f' [{span}]' if span else ''} (default {f.default!r}){_needs_text(f.metadata)}"
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -435,6 +483,7 @@ def options_markdown() -> str:
             if meta["group"] != group or f.name == "profile":
                 continue
             lines.append(f"| `{flag(f.name)}` | {f.type} | `{f.default!r}` | {_span(meta)} | "
-                         f"{'yes' if meta['resume'] else ''} | {meta['help'].replace('|', '/').replace('<', '&lt;')} |")
+                         f"{'yes' if meta['resume'] else ''} | {meta['help'].replace('|', '/').replace('<', '&lt;')}"
+                         f"{_needs_text(meta)} |")
         lines.append("")
     return "\n".join(lines)
