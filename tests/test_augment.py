@@ -46,6 +46,7 @@ def batch(real_slice):
     (dict(augmix=1.0), 0.8),
     (dict(apr=1.0), 0.8),
     (dict(patch_gaussian=60.0), 0.8),  # a patch's std or side may be drawn near zero
+    (dict(veil=1.0), 0.8),  # an opacity may be drawn near zero
 ])
 def test_each_stage_keeps_range_and_changes_images(batch, stage, share):
     cfg = make_config("cpu", **{**OFF, **stage})
@@ -523,3 +524,27 @@ def test_patch_gaussian_puts_noise_in_one_square_per_image_at_the_set_strength()
     assert squares > 20 and len(stds) > 250
     # each image's std is uniform up to the setting: a mean near half of it, none far past it
     assert 15.0 < np.mean(stds) < 25.0 and max(stds) < 48.0, (np.mean(stds), max(stds))
+
+
+def test_veil_blends_part_of_each_image_toward_a_light_grey_up_to_its_opacity():
+    tf.random.set_seed(4)
+    cfg = make_config("cpu", **{**OFF, "veil": 1.0, "veil_opacity": 0.6})
+    black = augment.veil(tf.zeros([300, 96, 96, 3]), cfg).numpy()
+    # over black the veil is tone * mask * opacity: light grey, never above its opacity of the brightest tone
+    assert black.max() <= 0.6 * (augment.VEIL_TONE[1] + 10.0) + 1e-3
+    covered = (black.max(axis=-1) > 1.0).reshape(300, -1).mean(axis=1)
+    lit = covered[black.reshape(300, -1).max(axis=1) > 20.0]  # images whose opacity was not drawn near zero
+    assert len(lit) > 200
+    assert lit.min() > 0.05 and lit.max() < 0.75, "a veil covers part of an image, never all of it"
+    assert (lit < 0.3).mean() > 0.1 and (lit > 0.45).mean() > 0.1, "drawn across the range"
+    peak = black.reshape(300, -1, 3).max(axis=1)
+    assert np.all(np.abs(peak - peak.mean(axis=1, keepdims=True)) < 25.0), "a grey, tinted a little"
+    # over a cell the veil lowers contrast and raises brightness where it lies, and nowhere else
+    cells = np.random.default_rng(0).uniform(0, 255, (300, 96, 96, 3)).astype(np.float32)
+    tf.random.set_seed(4)
+    out = augment.veil(tf.constant(cells), cfg).numpy()
+    np.testing.assert_allclose(out[black.max(axis=-1) == 0], cells[black.max(axis=-1) == 0], atol=1e-3)
+    veiled = black.max(axis=-1) > 20.0
+    assert out[veiled].std() < 0.9 * cells[veiled].std() and out[veiled].mean() > cells[veiled].mean() + 5
+    assert augment.veil(tf.constant(cells), make_config("cpu", **{**OFF, "veil": 0.0})).numpy().tolist() == \
+        cells.tolist()

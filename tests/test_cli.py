@@ -121,7 +121,7 @@ def test_flag_another_setting_switches_off_gets_a_warning():
 
 # For each field another one switches on: settings where it is on, and where it is off.
 SWITCHES = {"erase": ({"erase": 0.5}, {"erase": 0.0}), "corrupt": ({"corrupt": 0.5}, {"corrupt": 0.0}),
-            "pixmix": ({"pixmix": 0.3}, {"pixmix": 0.0}),
+            "pixmix": ({"pixmix": 0.3}, {"pixmix": 0.0}), "veil": ({"veil": 0.5}, {"veil": 0.0}),
             "randaugment": ({"randaugment": True}, {"randaugment": False}),
             "instance_norm": ({"instance_norm": True}, {"instance_norm": False}),
             "schedule": ({"schedule": "plateau"}, {"schedule": "cosine"}),

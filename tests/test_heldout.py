@@ -129,7 +129,7 @@ def test_training_ops_are_declared_and_none_is_held_out(config):
         assert op.__name__.lstrip("_") not in heldout.HELD_OUT, f"{op.__name__} is named like a held-out corruption"
     if config == "every flag on":  # the declaration lists no op that training lacks
         stages = {"geometry", "make_randaugment", "colour", "blur", "erase", "randconv", "augmix", "pixmix", "apr",
-                  "patch_gaussian", "mix"}
+                  "patch_gaussian", "veil", "mix"}
         assert {op.__name__ for op in ops} | stages == set(heldout.TRAINING_OPS)
 
 
@@ -145,7 +145,7 @@ def op_families(name: str) -> set:
 
 def test_stage_flags_split_the_declared_stages_without_losing_a_flag_or_a_corruption():
     listed = set()
-    for stage in ("geometry", "colour", "blur", "erase", "randconv", "augmix", "apr", "patch_gaussian"):
+    for stage in ("geometry", "colour", "blur", "erase", "randconv", "augmix", "apr", "patch_gaussian", "veil"):
         kinds, flags = heldout.TRAINING_OPS[stage]
         names = [flag[2:].replace("-", "_") for flag in flags.split()]
         listed |= set(names)

@@ -231,6 +231,35 @@ def pixmix(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     return on_a_share(images, cfg.pixmix, blend)
 
 
+VEIL_GRIDS = (6, 12)  # noise cells across the image that a veil's blobs are cut from: blobs of ~8-16 px
+VEIL_COVER = (0.1, 0.6)  # share of the image a veil covers, drawn per image
+VEIL_TONE = (170.0, 255.0)  # the light grey a veil blends toward, drawn per image, each channel tinted +-10
+
+
+def veil(images: tf.Tensor, cfg: Config) -> tf.Tensor:
+    """With chance cfg.veil, a patchy translucent veil: blobs cut from smoothed noise cover VEIL_COVER of the
+    image, their edges sharp or soft, and there the image is blended toward one light tone at an opacity drawn up
+    to cfg.veil_opacity, as a film of mounting medium, glare or a bubble lies over part of a smear. Contrast falls
+    and brightness rises inside the blobs only: the colour stage changes both over the whole image, which
+    instance norm divides out, and a model that met only that reads a local veil as a change of the cell."""
+    def lay(picked):
+        shape = tf.shape(picked)
+        m, h, w = shape[0], shape[1], shape[2]
+        field = sum(tf.image.resize(tf.random.uniform([m, grid, grid, 1], -0.5, 0.5), [h, w], "bilinear")
+                    for grid in VEIL_GRIDS)
+        # the threshold that leaves the drawn share of each image's pixels above it
+        ranked = tf.sort(tf.reshape(field, [m, -1]), axis=1, direction="DESCENDING")
+        cover = tf.random.uniform([m], *VEIL_COVER)
+        at = tf.cast(cover * tf.cast(h * w, tf.float32), tf.int32)
+        threshold = tf.gather(ranked, at, axis=1, batch_dims=1)[:, None, None, None]
+        softness = tf.random.uniform([m, 1, 1, 1], 0.005, 0.1)  # in units of the field: a sharp rim to a haze
+        mask = tf.clip_by_value((field - threshold) / softness, 0.0, 1.0)
+        opacity = tf.random.uniform([m, 1, 1, 1], 0.0, cfg.veil_opacity)
+        tone = tf.random.uniform([m, 1, 1, 1], *VEIL_TONE) + tf.random.uniform([m, 1, 1, 3], -10.0, 10.0)
+        return picked + (tone - picked) * mask * opacity
+    return on_a_share(images, cfg.veil, lay)
+
+
 PATCH_GAUSSIAN_SIDE = 0.75  # the largest noisy patch, as a fraction of the image side
 
 
@@ -545,7 +574,7 @@ OP_FAMILY = {"_gaussian_noise": "noise", "_salt_pepper": "noise", "_brightness":
              "_pixelate": "compression", "_jpeg": "compression", "_grid_mask": "occlusion", "_patches": "occlusion",
              "_zoom": "geometry", "_blur": "blur"}
 FAMILY_FIELDS = {"geometry": ("flip", "rot90", "rotation", "zoom", "shift", "shear", "black_fill", "augmix"),
-                 "colour": ("contrast", "brightness", "saturation", "hue", "randconv", "augmix", "apr"),
+                 "colour": ("contrast", "brightness", "saturation", "hue", "randconv", "augmix", "apr", "veil"),
                  "noise": ("noise_std", "patch_gaussian", "apr"), "blur": ("blur", "apr"), "occlusion": ("erase",)}
 RANDAUGMENT_GEOMETRY = ("RandomShear", "RandomTranslation")  # the rest of its transforms change colour
 RANDAUGMENT_STDDEV = 0.15  # keras-cv RandAugment's default magnitude_stddev, which make_randaugment keeps
@@ -668,6 +697,8 @@ def augment_batch(images: tf.Tensor, cfg: Config, randaugment=None) -> tf.Tensor
     if cfg.augmix > 0:
         images = augmix(images, cfg)
     images = colour(images, cfg)
+    if cfg.veil > 0:
+        images = veil(images, cfg)
     if cfg.patch_gaussian > 0:
         images = patch_gaussian(images, cfg)
     if cfg.blur > 0:

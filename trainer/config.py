@@ -133,6 +133,12 @@ class Config:
                                    "square patch, its side up to 3/4 of the image's and its std uniform up to this "
                                    "(Patch Gaussian, Lopes et al., 2019); 0 = off", TRANSFORMS, low=0.0, high=255.0,
                                    off=0.0)
+    veil: float = option(0.0, "chance an image gets a patchy translucent veil: soft or sharp blobs over a tenth "
+                         "to three fifths of it where the image is blended toward a light grey, contrast down and "
+                         "brightness up there only (a film of medium, glare); 0 = off", TRANSFORMS, low=0.0,
+                         high=1.0, off=0.0)
+    veil_opacity: float = option(0.6, "most opacity of a veil, drawn uniformly from 0 up to this", TRANSFORMS,
+                                 low=0.0, high=1.0, off=0.0, needs="veil")
     mixup_alpha: float = option(0.0, "mixup Beta(alpha, alpha) mixing; 0 = off", TRANSFORMS, low=0.0, high=10.0,
                                 off=0.0)
     cutmix_alpha: float = option(0.0, "CutMix Beta(alpha, alpha) patch mixing; 0 = off", TRANSFORMS, low=0.0,

@@ -40,6 +40,9 @@ TRAINING_OPS = {
     # mottled backgrounds look a little like the held-out grain; docs/robustness.md says so beside its figures).
     "apr": (("contrast", "gaussian_blur", "gaussian_noise"), "--apr"),
     "patch_gaussian": (("gaussian_noise",), "--patch-gaussian"),  # i.i.d. noise, only inside a square
+    # Light translucent blobs: brightness up and contrast down, over part of the cell. The nearest training op to
+    # the held-out bubble's brighter inside and to MedMNIST-C's bubble (docs/robustness.md says so beside its figures).
+    "veil": (("brightness", "contrast"), "--veil"),
     "_gaussian_noise": (("gaussian_noise",), "--corrupt"),
     "_salt_pepper": (("salt_pepper",), "--corrupt"),
     "_brightness": (("brightness",), "--corrupt"),
@@ -68,6 +71,7 @@ STAGE_FLAGS = {
     "noise_std": ("gaussian_noise",), "blur": ("gaussian_blur",), "erase": ("patches",),
     "randconv": ("channel_swap", "hue", "saturation"), "augmix": ("contrast", "brightness", "rotate", "shear", "shift"),
     "apr": ("contrast", "gaussian_blur", "gaussian_noise"), "patch_gaussian": ("gaussian_noise",),
+    "veil": ("brightness", "contrast"),
 }
 RANDAUGMENT_LAYERS = {  # keras-cv class: what it does to a cell, as the suite names it
     "AutoContrast": ("contrast",), "Equalization": ("contrast",), "Solarization": ("brightness",),
