@@ -160,7 +160,7 @@ def test_seen_follows_the_declared_split():
     for kind in medmnist_c.KINDS:
         suite = medmnist_c.SUITE_KIND[kind]
         if medmnist_c.SPLIT[kind] == "seen":
-            assert suite in heldout.SEEN_IN_TRAINING, kind
+            assert suite in heldout.SEEN_IN_TRAINING or kind in medmnist_c.NEAREST_OPTION, kind
         else:
             assert suite is None or suite in heldout.HELD_OUT, kind
     # Gaussian blur trains, and defocus is not it: a disk is a different operation, so defocus stays unseen.
@@ -168,6 +168,11 @@ def test_seen_follows_the_declared_split():
     # Stain deposit counts as seen only because erasing can draw ragged blots: without that shape it is unseen.
     shapes = {f.name: f for f in dataclasses.fields(Config)}["erase_shape"].metadata["choices"]
     assert medmnist_c.SPLIT["stain_deposit"] == "seen" and "blot" in shapes
+    # Bubble's translucent blend is what --veil draws: unseen while no profile trains with it, seen once one does.
+    assert medmnist_c.SPLIT["bubble"] == "unseen" and "veil" in {f.name for f in dataclasses.fields(Config)}
+    from trainer.config import PROFILES
+    adopted = {**PROFILES, "cpu": {**PROFILES["cpu"], "veil": 0.5}}
+    assert medmnist_c.split_of("bubble", adopted) == "seen" and medmnist_c.split_of("defocus_blur", adopted) == "unseen"
 
 
 def test_training_never_reaches_medmnist_c():
