@@ -370,23 +370,24 @@ def validate(cfg: Config, given=()) -> list[str]:
         if spec.ignores(name):
             warnings.append(f"warning: {flag(name)} does not apply to {cfg.model}; it is ignored")
         elif not _acts(cfg, name):
-            parent, value = _needs(name)
+            parent, value = _needs(Config.__dataclass_fields__[name].metadata)
             warnings.append(f"warning: {flag(name)} acts only with {flag(parent)} {_on_text(parent, value)}, and "
                             f"{flag(parent)} is {_shown(getattr(cfg, parent))}; it is ignored")
     return warnings
 
 
-def _needs(name: str) -> tuple[str, object]:
-    """The field that a field refines and the value it needs there (None = any value that is on)."""
-    needs = Config.__dataclass_fields__[name].metadata["needs"]
+def _needs(meta) -> tuple[str, object]:
+    """The field that a field (its metadata) refines and the value it needs there (None = any value that is on)."""
+    needs = meta["needs"]
     return (needs, None) if isinstance(needs, str) else needs
 
 
 def _acts(cfg: Config, name: str) -> bool:
     """False when the field that `name` refines switches it off in cfg (--erase-opacity while --erase is 0)."""
-    if Config.__dataclass_fields__[name].metadata["needs"] is None:
+    meta = Config.__dataclass_fields__[name].metadata
+    if meta["needs"] is None:
         return True
-    parent, value = _needs(name)
+    parent, value = _needs(meta)
     return getattr(cfg, parent) == value if value is not None else bool(getattr(cfg, parent))
 
 
@@ -399,7 +400,7 @@ def _needs_text(meta) -> str:
     """" Acts only with --erase above 0." for a field that refines another; "" for the rest."""
     if meta["needs"] is None:
         return ""
-    parent, value = meta["needs"] if isinstance(meta["needs"], tuple) else (meta["needs"], None)
+    parent, value = _needs(meta)
     return f" Acts only with {flag(parent)} {_on_text(parent, value)}."
 
 
