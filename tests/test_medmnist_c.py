@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
 from test_heldout import CONFIGS, TRAINING, op_function, reach
 
 from trainer import heldout, medmnist_c, medmnist_c_eval
-from trainer.config import CLASS_NAMES, Config
+from trainer.config import CLASS_NAMES, Config, make_config
 from trainer.evaluate import models_by_views
 
 DETERMINISTIC = ("pixelate", "jpeg_compression", "defocus_blur", "brightness_up", "brightness_down", "contrast_up",
@@ -175,6 +176,19 @@ def test_seen_follows_the_declared_split():
     assert medmnist_c.split_of("bubble", adopted) == "seen" and medmnist_c.split_of("defocus_blur", adopted) == "unseen"
 
 
+def test_a_run_trained_with_the_nearest_option_counts_that_kind_seen():
+    """split_for reads one run's settings: --veil on moves bubble to seen for that run only, off changes nothing,
+    and no setting moves a kind the kit counts as seen back to unseen."""
+    assert medmnist_c.split_for(None) == medmnist_c.SPLIT
+    assert medmnist_c.split_for(make_config("cpu").to_dict()) == medmnist_c.SPLIT
+    veiled = medmnist_c.split_for(make_config("cpu", veil=0.5).to_dict())
+    assert veiled["bubble"] == "seen" and medmnist_c.SPLIT["bubble"] == "unseen"
+    assert {k: v for k, v in veiled.items() if k != "bubble"} == {k: v for k, v in medmnist_c.SPLIT.items()
+                                                                  if k != "bubble"}
+    bare = medmnist_c.split_for({name: 0 for name in make_config("cpu").to_dict()})
+    assert all(bare[kind] == "seen" for kind in medmnist_c.KINDS if medmnist_c.SPLIT[kind] == "seen")
+
+
 def test_training_never_reaches_medmnist_c():
     """As the held-out rule (tests/test_heldout.py): no training op is or calls a MedMNIST-C corruption, its helpers
     or its tables, and fit and the tf.data pipeline reach nothing of trainer/medmnist_c.py or its scoring."""
@@ -219,6 +233,13 @@ def test_score_reads_every_figure_off_corrupted_copies(cells, inks):
     assert result["unseen"] == pytest.approx(np.mean([kinds[k]["accuracy"] for k in medmnist_c.UNSEEN]))
     for s in "12345":
         assert result["per_severity"][s] == pytest.approx(np.mean([r["severities"][s] for r in kinds.values()]))
+    # A run's own split moves its means: bubble seen, the unseen mean is defocus and motion blur alone.
+    veiled = medmnist_c_eval.score(memoriser(images, labels), images, labels, seed=3, max_images=20, inks=inks,
+                                   split=medmnist_c.split_for({"veil": 0.5}))
+    assert veiled["per_corruption"]["bubble"]["split"] == "seen"
+    assert veiled["unseen"] == pytest.approx(np.mean([kinds[k]["accuracy"] for k in ("defocus_blur", "motion_blur")]))
+    assert veiled["seen"] == pytest.approx(np.mean([kinds[k]["accuracy"] for k in medmnist_c.KINDS
+                                                    if k not in ("defocus_blur", "motion_blur")]))
     again = medmnist_c_eval.score(memoriser(images, labels), images, labels, seed=3, max_images=10, inks=inks)
     assert again["images"] == 10
     table = medmnist_c_eval.table(result)
@@ -278,6 +299,17 @@ def test_exported_model_scores_as_a_predict_function_does(submission_dir, cells,
         direct = medmnist_c_eval.score(model.predict, images, labels, seed=5, max_images=10)
     for key in ("overall", "unseen", "seen", "clean", "per_severity", "per_corruption", "skipped", "images"):
         assert rows[0][key] == direct[key], key
+    assert rows[0]["split_from"].startswith("the kit's")  # a submission folder has no config.json
+    # A run folder carries the config it trained with: a --veil run's bubble row is seen there.
+    run = tmp_path / "veil-run"
+    run.mkdir()
+    for name in ("model.onnx", "settings.json"):
+        shutil.copy(submission_dir / name, run / name)
+    (run / "config.json").write_text(json.dumps(make_config("smoke", veil=0.5).to_dict()))
+    from_run = medmnist_c_eval.evaluate_exported(str(run), images, labels, (1,), seed=5)[0]
+    assert from_run["per_corruption"]["bubble"]["split"] == "seen" and from_run["split_from"].startswith("the run's")
+    assert from_run["overall"] == pytest.approx(rows[0]["overall"])
+    assert "seen and unseen: the run's training" in medmnist_c_eval.table(from_run)
     data = tmp_path / "cells.npz"
     np.savez(data, images=images, labels=labels)
     from trainer.__main__ import main

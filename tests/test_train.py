@@ -31,7 +31,8 @@ def trainer_cmd(*args):
 def smoke_run(tmp_path_factory, data_path):
     base = tmp_path_factory.mktemp("smoke")
     sub = base / "submission"
-    proc = subprocess.run(trainer_cmd("--profile", "smoke", "--data", data_path, "--name", "smoke",
+    # --veil is MedMNIST-C bubble's nearest option: this run's figures must count bubble as seen, the kit's not.
+    proc = subprocess.run(trainer_cmd("--profile", "smoke", "--data", data_path, "--name", "smoke", "--veil", "0.3",
                                       "--runs-dir", str(base / "runs"), "--submission-dir", str(sub)),
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -71,6 +72,9 @@ def test_metrics_hold_every_figure(smoke_run):
     assert mmc["images"] == 64 and list(mmc["per_severity"]) == ["1", "2", "3", "4", "5"]
     assert set(mmc["per_corruption"]) | set(mmc["skipped"]) == set(medmnist_c.KINDS)
     assert all(0.0 <= mmc[k] <= 1.0 for k in ("overall", "unseen", "seen", "clean"))
+    assert mmc["per_corruption"]["bubble"]["split"] == "seen" and medmnist_c.SPLIT["bubble"] == "unseen"
+    unseen = [row["accuracy"] for row in mmc["per_corruption"].values() if row["split"] == "unseen"]
+    assert len(unseen) == 2 and mmc["unseen"] == pytest.approx(np.mean(unseen))
     assert metrics["export"]["parity"]["ok"]
 
 
@@ -432,6 +436,9 @@ def test_submission_figures_are_the_zips(smoke_run, tmp_path):
         row = json.loads(out.read_text())["rows"][0]
         assert row["views"] == 8
         assert abs(row["overall" if "--medmnist-c" in flags else "accuracy"] - figure) < 1e-9, (flags, row)
+    # evaluate reads the run's config.json for seen and unseen, as the run did: the --veil run's bubble is seen
+    assert row["per_corruption"]["bubble"]["split"] == "seen"
+    assert abs(row["unseen"] - served["medmnist_c"]["unseen"]) < 1e-9
     assert "as its zip serves it (8 views)" in smoke_run[2]
 
 

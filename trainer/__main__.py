@@ -289,8 +289,8 @@ def main(argv=None) -> int:
                         "(docs/robustness.md); needs labels")
     p.add_argument("--medmnist-c", action="store_true",
                    help="score the MedMNIST-C bloodmnist corruptions instead: each image under all 11 (published "
-                        "by others; 4 kinds unseen in training), severities 1-5 in turn (docs/robustness.md); "
-                        "needs labels")
+                        "by others; seen or unseen as the run's config.json says, else the kit's split), severities "
+                        "1-5 in turn (docs/robustness.md); needs labels")
     p.add_argument("--max-images", type=int, default=None,
                    help="with --medmnist-c: up to this many images, drawn with --seed as a run draws its "
                         "--robustness-images (default: all)")

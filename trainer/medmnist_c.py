@@ -59,7 +59,7 @@ SUITE_KIND = {"pixelate": "pixelate", "jpeg_compression": "jpeg", "defocus_blur"
               "stain_deposit": "patches", "bubble": None}
 # Bubble's operation, a translucent light blend over part of the cell, is what --veil draws, without the discs'
 # outline and ring. No profile trains with --veil, so bubble stays unseen for the profiles' runs; a run made with
-# the flag reads it as near-seen (docs/robustness.md), and once a profile adopts the flag bubble counts as seen.
+# the flag counts it seen in its own figures (split_for), and once a profile adopts the flag it is seen for all.
 NEAREST_OPTION = {"bubble": "veil"}
 
 
@@ -72,6 +72,14 @@ def split_of(kind: str, profiles: dict = PROFILES) -> str:
 
 SPLIT = {kind: split_of(kind) for kind in KINDS}
 UNSEEN = tuple(kind for kind in KINDS if SPLIT[kind] == "unseen")
+
+
+def split_for(settings: dict | None) -> dict:
+    """{kind: "seen" or "unseen"} for one run: the kit's SPLIT, and seen also where the run's own settings (its
+    config.json) turn on the kind's nearest option, as a --veil run does for bubble. None: the kit's split."""
+    settings = settings or {}
+    return {kind: "seen" if SPLIT[kind] == "seen" or settings.get(NEAREST_OPTION.get(kind, "")) else "unseen"
+            for kind in KINDS}
 
 # The stain-deposit inks are data inside the package (medmnistc/assets/inks.npz): binary masks, ten per size.
 INKS_ENV = "MEDMNIST_C_INKS"

@@ -1,6 +1,8 @@
 """Score a model on the MedMNIST-C bloodmnist corruptions: a predict function (runs) or an exported model."""
 from __future__ import annotations
 
+import json
+import os
 import time
 
 import numpy as np
@@ -61,15 +63,28 @@ def turned_into(labels: np.ndarray, clean_predicted: np.ndarray, predicted: np.n
             for i in order]
 
 
-def summarise(predicted: dict, labels: np.ndarray, clean_predicted: np.ndarray, skipped: dict, seed: int) -> dict:
+def run_split(model_dir: str) -> tuple[dict, str]:
+    """The seen/unseen split for the model in model_dir and where it comes from: the run's own (its config.json,
+    medmnist_c.split_for) in a run folder, the kit's (medmnist_c.SPLIT) in a submission folder, which has none."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(path):
+        return dict(medmnist_c.SPLIT), "the kit's (no config.json beside the model)"
+    with open(path) as f:
+        return medmnist_c.split_for(json.load(f)), "the run's training (config.json)"
+
+
+def summarise(predicted: dict, labels: np.ndarray, clean_predicted: np.ndarray, skipped: dict, seed: int,
+              split: dict | None = None) -> dict:
     """The figures from {kind: (predicted class per image, severity per image)}: each kind's accuracy per severity
     and its mean over them, and what it turned right cells into (turned_into); per severity, the mean over kinds;
-    overall, over seen and over unseen kinds, each the mean of the kinds' figures."""
+    overall, over seen and over unseen kinds, each the mean of the kinds' figures. split: {kind: "seen" or
+    "unseen"} for the model's training (medmnist_c.split_for), the kit's SPLIT when None."""
+    split = split or medmnist_c.SPLIT
     per_corruption = {}
     for kind, (classes, severities) in predicted.items():
         right = classes == labels
         cells = {str(s): float(right[severities == s].mean()) for s in SEVERITIES if (severities == s).any()}
-        per_corruption[kind] = {"split": medmnist_c.SPLIT[kind], "accuracy": float(np.mean(list(cells.values()))),
+        per_corruption[kind] = {"split": split[kind], "accuracy": float(np.mean(list(cells.values()))),
                                 "severities": cells, "turned_into": turned_into(labels, clean_predicted, classes)}
 
     def mean_of(kinds):
@@ -80,8 +95,9 @@ def summarise(predicted: dict, labels: np.ndarray, clean_predicted: np.ndarray, 
         values = [row["severities"][s] for row in per_corruption.values() if s in row["severities"]]
         if values:
             per_severity[s] = float(np.mean(values))
-    return {"overall": mean_of(medmnist_c.KINDS), "unseen": mean_of(medmnist_c.UNSEEN),
-            "seen": mean_of([k for k in medmnist_c.KINDS if k not in medmnist_c.UNSEEN]),
+    unseen = [k for k in medmnist_c.KINDS if split[k] == "unseen"]
+    return {"overall": mean_of(medmnist_c.KINDS), "unseen": mean_of(unseen),
+            "seen": mean_of([k for k in medmnist_c.KINDS if k not in unseen]),
             "clean": float((clean_predicted == labels).mean()) if len(labels) else None, "images": int(len(labels)),
             "seed": seed, "per_severity": per_severity, "per_corruption": per_corruption, "skipped": skipped}
 
@@ -94,11 +110,12 @@ def _pick(n: int, seed: int, max_images: int | None) -> np.ndarray:
 
 
 def score(predict_labels, images: np.ndarray, labels: np.ndarray, seed: int, max_images: int = 500,
-          inks: dict | None = None) -> dict:
+          inks: dict | None = None, split: dict | None = None) -> dict:
     """The MedMNIST-C figure of a model: each of up to max_images images under every one of the 11 bloodmnist
     corruptions, at severities 1-5 in turn (severities_for), plus the same images clean.
 
-    predict_labels maps a uint8 batch to class indices. Returns summarise()'s figures and the seconds it took.
+    predict_labels maps a uint8 batch to class indices; split is summarise()'s. Returns summarise()'s figures and
+    the seconds it took.
     """
     started = time.perf_counter()
     pick = _pick(len(images), seed, max_images)
@@ -109,7 +126,7 @@ def score(predict_labels, images: np.ndarray, labels: np.ndarray, seed: int, max
             skipped[kind] = severities
             continue
         predicted[kind] = (np.asarray(predict_labels(copy)), severities)
-    result = summarise(predicted, labels, np.asarray(predict_labels(images)), skipped, seed)
+    result = summarise(predicted, labels, np.asarray(predict_labels(images)), skipped, seed, split)
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
 
@@ -119,7 +136,9 @@ def evaluate_exported(model_dir: str, images: np.ndarray, labels: np.ndarray, vi
     """An exported model (run or submission folder) on the MedMNIST-C copies of up to max_images images (all by
     default), once per number of TTA views: summarise()'s figures, the seconds and images per second.
 
-    The copies are made once and shared by the views; the views are fixed, as in evaluate.evaluate_exported."""
+    The copies are made once and shared by the views; the views are fixed, as in evaluate.evaluate_exported.
+    Seen and unseen follow run_split: the run's training in a run folder, the kit's split in a submission folder."""
+    split, split_from = run_split(model_dir)
     pick = _pick(len(images), seed, max_images)
     images, labels = images[pick], labels[pick]
     copies = list(corrupted(images, seed))
@@ -133,7 +152,7 @@ def evaluate_exported(model_dir: str, images: np.ndarray, labels: np.ndarray, vi
         skipped = {kind: why for kind, copy, why in copies if copy is None}
         served = len(images) * (len(predicted) + 1)
         rows.append({"views": views, "seconds": seconds, "img_per_s": served / seconds if seconds else 0.0,
-                     **summarise(predicted, labels, clean, skipped, seed)})
+                     **summarise(predicted, labels, clean, skipped, seed, split), "split_from": split_from})
     return rows
 
 
@@ -152,6 +171,8 @@ def table(result: dict) -> str:
                  + cell(result["overall"]))
     lines.append(f"overall {_fmt(result['overall'])}, unseen kinds {_fmt(result['unseen'])}, seen kinds "
                  f"{_fmt(result['seen'])}, clean {_fmt(result['clean'])} ({result['images']} images each)")
+    if result.get("split_from"):
+        lines.append(f"seen and unseen: {result['split_from']}")
     for kind, why in result["skipped"].items():
         lines.append(f"{kind}: {why}")
     return "\n".join(lines)

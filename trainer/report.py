@@ -357,8 +357,9 @@ def robustness(run: RunFolder) -> str:
                      + f'<p class="muted">{esc(str(held.get("per_corruption_images", "?")))} images per corruption '
                        "and severity; corruptions and severities: docs/robustness.md.</p>")
     if mmc:
+        unseen = sum(row.get("split") == "unseen" for row in mmc.get("per_corruption", {}).values())
         rows.append([esc(f"MedMNIST-C bloodmnist corruptions of {split}, mean of the 11 (published by others; "
-                         "4 kinds unseen in training)"), pct(mmc.get("overall")), "-"])
+                         f"{unseen} kinds unseen in this run's training)"), pct(mmc.get("overall")), "-"])
         parts.append(medmnist_c_table(mmc))
     if rob:
         corrupted = rob.get("corrupted", {})
@@ -406,7 +407,8 @@ def corruption_gallery(run: RunFolder, severities=(1, 3, 5)) -> bool:
             continue
         images = [medmnist_c.apply(cell[None], kind, s, np.random.default_rng(s), inks)[0] for s in severities]
         accuracies = [mmc.get(kind, {}).get("severities", {}).get(k) for k in keys]
-        rows.append((kind, f"MedMNIST-C {medmnist_c.SPLIT[kind]}", images, accuracies))
+        split = mmc.get(kind, {}).get("split") or medmnist_c.SPLIT[kind]  # the run's own, when its metrics have it
+        rows.append((kind, f"MedMNIST-C {split}", images, accuracies))
     plots.corruption_preview(cell, rows, run.path(GALLERY), severities)
     return True
 

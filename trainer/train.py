@@ -10,7 +10,7 @@ import warnings
 
 import numpy as np
 
-from . import data, files, heldout, heldout_eval, medmnist_c_eval
+from . import data, files, heldout, heldout_eval, medmnist_c, medmnist_c_eval
 from . import evaluate as ev
 from .config import CLASS_NAMES, Config, validate
 from .memory import Steps
@@ -405,9 +405,9 @@ def train(cfg: Config) -> dict:
                                       cfg.robustness_images)
             metrics["heldout"] = held
             # MedMNIST-C's bloodmnist corruptions: published, and written by others, so a reference the kit's own
-            # choices cannot flatter; its unseen kinds are held out from training too (medmnist_c.SPLIT).
+            # choices cannot flatter; its unseen kinds are ones this run's training never drew (split_for).
             mmc = medmnist_c_eval.score(lambda x: probs(x).argmax(1), images[scored], labels[scored], cfg.seed,
-                                        cfg.robustness_images)
+                                        cfg.robustness_images, split=medmnist_c.split_for(cfg.to_dict()))
             metrics["medmnist_c"] = mmc
             rob = ev.robustness(probs, images[scored], labels[scored], cfg.seed, cfg.robustness_images)
             metrics["robustness"] = rob
@@ -439,7 +439,8 @@ def score_submission(cfg: Config, out_dir: str, images: np.ndarray, labels: np.n
         clean = float((model.predict(images) == labels).mean())
         mixed, _ = heldout.corrupt_mix(images, seed=cfg.seed)
         held = float((model.predict(mixed) == labels).mean())
-        mmc = medmnist_c_eval.score(model.predict, images, labels, cfg.seed, cfg.robustness_images)
+        mmc = medmnist_c_eval.score(model.predict, images, labels, cfg.seed, cfg.robustness_images,
+                                    split=medmnist_c.split_for(cfg.to_dict()))
     result = {"views": views, "images": int(len(images)), "clean": clean, "heldout": held,
               "medmnist_c": {key: mmc[key] for key in ("overall", "unseen", "seen", "images", "skipped")}
               | {"per_corruption": {kind: row["accuracy"] for kind, row in mmc["per_corruption"].items()}},

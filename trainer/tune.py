@@ -70,7 +70,7 @@ def tune(base: Config, budget_min: float, names: list[str] | None = None) -> lis
 def table(rows: list[dict]) -> str:
     """held-out: corruptions no training setting reaches, the figure to choose by; in-distribution: the suite's,
     which the candidates' own corruption stages partly train on; MedMNIST-C: the published bloodmnist corruptions,
-    the mean of all 11 and of the 4 kinds training never draws (unseen)."""
+    the mean of all 11 and of the kinds the candidate's training never draws (unseen)."""
     lines = ["| candidate | clean | held-out | held-out - clean | in-distribution | MedMNIST-C | MedMNIST-C unseen "
              "| epochs | minutes |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
