@@ -75,11 +75,10 @@ UNSEEN = tuple(kind for kind in KINDS if SPLIT[kind] == "unseen")
 
 
 def split_for(settings: dict | None) -> dict:
-    """{kind: "seen" or "unseen"} for one run: the kit's SPLIT, and seen also where the run's own settings (its
-    config.json) turn on the kind's nearest option, as a --veil run does for bubble. None: the kit's split."""
-    settings = settings or {}
-    return {kind: "seen" if SPLIT[kind] == "seen" or settings.get(NEAREST_OPTION.get(kind, "")) else "unseen"
-            for kind in KINDS}
+    """{kind: "seen" or "unseen"} for one run: split_of with the run's own settings (its config.json) beside the
+    profiles, so a --veil run counts bubble seen. None: the kit's split."""
+    profiles = {**PROFILES, "this run": settings or {}}
+    return {kind: split_of(kind, profiles) for kind in KINDS}
 
 # The stain-deposit inks are data inside the package (medmnistc/assets/inks.npz): binary masks, ten per size.
 INKS_ENV = "MEDMNIST_C_INKS"

@@ -1,7 +1,6 @@
 """Score a model on the MedMNIST-C bloodmnist corruptions: a predict function (runs) or an exported model."""
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -10,6 +9,7 @@ import numpy as np
 from . import medmnist_c
 from .config import CLASS_NAMES
 from .evaluate import models_by_views
+from .runs import read_json
 
 SEVERITIES = (1, 2, 3, 4, 5)
 
@@ -69,8 +69,7 @@ def run_split(model_dir: str) -> tuple[dict, str]:
     path = os.path.join(model_dir, "config.json")
     if not os.path.exists(path):
         return dict(medmnist_c.SPLIT), "the kit's (no config.json beside the model)"
-    with open(path) as f:
-        return medmnist_c.split_for(json.load(f)), "the run's training (config.json)"
+    return medmnist_c.split_for(read_json(path)), "the run's training (config.json)"
 
 
 def summarise(predicted: dict, labels: np.ndarray, clean_predicted: np.ndarray, skipped: dict, seed: int,
