@@ -310,6 +310,9 @@ def test_exported_model_scores_as_a_predict_function_does(submission_dir, cells,
     assert from_run["per_corruption"]["bubble"]["split"] == "seen" and from_run["split_from"].startswith("the run's")
     assert from_run["overall"] == pytest.approx(rows[0]["overall"])
     assert "seen and unseen: the run's training" in medmnist_c_eval.table(from_run)
+    (run / "config.json").write_text('{"veil": 0.5')  # cut off mid-write: not the run's split, and it says so
+    assert medmnist_c_eval.run_split(str(run)) == (medmnist_c.SPLIT, "the kit's (no readable config.json beside "
+                                                                     "the model)")
     data = tmp_path / "cells.npz"
     np.savez(data, images=images, labels=labels)
     from trainer.__main__ import main

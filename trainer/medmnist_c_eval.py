@@ -66,10 +66,10 @@ def turned_into(labels: np.ndarray, clean_predicted: np.ndarray, predicted: np.n
 def run_split(model_dir: str) -> tuple[dict, str]:
     """The seen/unseen split for the model in model_dir and where it comes from: the run's own (its config.json,
     medmnist_c.split_for) in a run folder, the kit's (medmnist_c.SPLIT) in a submission folder, which has none."""
-    path = os.path.join(model_dir, "config.json")
-    if not os.path.exists(path):
-        return dict(medmnist_c.SPLIT), "the kit's (no config.json beside the model)"
-    return medmnist_c.split_for(read_json(path)), "the run's training (config.json)"
+    settings = read_json(os.path.join(model_dir, "config.json"))  # {} when missing or unreadable
+    if not settings:
+        return dict(medmnist_c.SPLIT), "the kit's (no readable config.json beside the model)"
+    return medmnist_c.split_for(settings), "the run's training (config.json)"
 
 
 def summarise(predicted: dict, labels: np.ndarray, clean_predicted: np.ndarray, skipped: dict, seed: int,
