@@ -367,10 +367,11 @@ def validate(cfg: Config, given=()) -> list[str]:
                              "--time-budget-min 0 (and --epochs) with --folds, or drop --folds")
     warnings = []
     for name in given:
+        meta = Config.__dataclass_fields__[name].metadata
         if spec.ignores(name):
             warnings.append(f"warning: {flag(name)} does not apply to {cfg.model}; it is ignored")
-        elif not _acts(cfg, name):
-            parent, value = _needs(Config.__dataclass_fields__[name].metadata)
+        elif not _acts(cfg, meta):
+            parent, value = _needs(meta)
             warnings.append(f"warning: {flag(name)} acts only with {flag(parent)} {_on_text(parent, value)}, and "
                             f"{flag(parent)} is {_shown(getattr(cfg, parent))}; it is ignored")
     return warnings
@@ -382,9 +383,9 @@ def _needs(meta) -> tuple[str, object]:
     return (needs, None) if isinstance(needs, str) else needs
 
 
-def _acts(cfg: Config, name: str) -> bool:
-    """False when the field that `name` refines switches it off in cfg (--erase-opacity while --erase is 0)."""
-    meta = Config.__dataclass_fields__[name].metadata
+def _acts(cfg: Config, meta) -> bool:
+    """False when the field that a field (its metadata) refines switches it off in cfg (--erase-opacity while
+    --erase is 0)."""
     if meta["needs"] is None:
         return True
     parent, value = _needs(meta)
