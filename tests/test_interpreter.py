@@ -68,14 +68,17 @@ def test_blur_pool_graph_matches_onnxruntime(real_slice):
         np.testing.assert_allclose(out, reference, atol=1e-5, err_msg=name)
 
 
-def test_instance_norm_graph_matches_onnxruntime(real_slice):
-    """--instance-norm: per-image means and a concatenation of two convolutions' outputs in the early blocks."""
+@pytest.mark.parametrize("share", [0.5, 1.0])
+def test_instance_norm_graph_matches_onnxruntime(real_slice, share):
+    """--instance-norm: per-image means and (below share 1) a concatenation of two convolutions' outputs."""
     from trainer.config import make_config
     from trainer.export import to_onnx
     from trainer.models import build_model
-    model = build_model(make_config("smoke", width=8, dense_units=16, instance_norm=True, seed=4))
+    model = build_model(make_config("smoke", width=8, dense_units=16, instance_norm=True,
+                                    instance_norm_share=share, seed=4))
     onnx_model, _ = to_onnx(model)
-    assert {"Concat", "ReduceMean"} <= {n.op_type for n in onnx_model.graph.node}
+    ops = {n.op_type for n in onnx_model.graph.node}
+    assert "ReduceMean" in ops and ("Concat" in ops) == (share < 1)
     reference, outputs = run_both(onnx_model.SerializeToString(), real_slice[0][:6].astype(np.float32))
     for name, out in outputs.items():
         np.testing.assert_allclose(out, reference, atol=1e-5, err_msg=name)

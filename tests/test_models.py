@@ -304,3 +304,26 @@ def test_instance_norm_model_normalises_half_the_early_channels_and_saves(tmp_pa
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
     np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(model(x)), atol=1e-6)
+
+
+def test_instance_norm_share_sets_how_many_early_channels_are_per_image(tmp_path):
+    from trainer.models import InstanceNorm
+    batch_norm = keras.layers.BatchNormalization
+    three_quarters = build_model(make_config("smoke", width=8, dense_units=16, instance_norm=True,
+                                             instance_norm_share=0.75, seed=2))
+    assert [layer.gamma.shape[0] for layer in three_quarters.layers
+            if isinstance(layer, InstanceNorm)] == [6, 6, 6, 12, 12, 24, 24]
+    # the rest of each early convolution's channels, then the last block's two convolutions whole
+    assert [layer.gamma.shape[0] for layer in three_quarters.layers
+            if isinstance(layer, batch_norm)] == [2, 2, 2, 4, 4, 8, 8, 64, 64]
+    # share 1: no BatchNorm half and nothing to concatenate in the early layers
+    all_per_image = build_model(make_config("smoke", width=8, dense_units=16, instance_norm=True,
+                                            instance_norm_share=1.0, seed=2))
+    assert [layer.gamma.shape[0] for layer in all_per_image.layers
+            if isinstance(layer, InstanceNorm)] == [8, 8, 8, 16, 16, 32, 32]
+    assert [layer.gamma.shape[0] for layer in all_per_image.layers if isinstance(layer, batch_norm)] == [64, 64]
+    assert not any(isinstance(layer, keras.layers.Concatenate) for layer in all_per_image.layers)
+    x = np.random.default_rng(0).integers(0, 256, (3, 96, 96, 3)).astype(np.float32)
+    all_per_image.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(all_per_image(x)), atol=1e-6)

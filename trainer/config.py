@@ -172,13 +172,16 @@ class Config:
     feature_jitter: float = option(0.0, "vanilla_cnn, training only: share of the images whose per-channel "
                                    "feature means and spreads move at random, after the stem and the first "
                                    "three blocks (DSU, Li et al., ICLR 2022); 0 = off", MODEL, low=0.0, high=1.0)
-    instance_norm: bool = option(False, "vanilla_cnn: half the channels of each convolution in the stem and the "
-                                 "first three blocks normalised per image instead of per batch, in model.onnx too "
-                                 "(IBN-a, Pan et al., ECCV 2018), so a change to a feature map's overall strength "
-                                 "divides out there", MODEL)
+    instance_norm: bool = option(False, "vanilla_cnn: half the channels (--instance-norm-share) of each "
+                                 "convolution in the stem and the first three blocks normalised per image instead "
+                                 "of per batch, in model.onnx too (IBN-a, Pan et al., ECCV 2018), so a change to a "
+                                 "feature map's overall strength divides out there", MODEL)
     instance_norm_stem: bool = option(True, "vanilla_cnn with instance_norm: the stem's convolution too; false = "
                                       "the first three blocks only, the stem on BatchNorm alone", MODEL,
                                       needs="instance_norm")
+    instance_norm_share: float = option(0.5, "vanilla_cnn with instance_norm: share of the channels of each such "
+                                        "convolution normalised per image (IBN-a's half); the rest per batch, none "
+                                        "at 1", MODEL, low=0.1, high=1.0, needs="instance_norm")
 
     # training
     optimizer: str = option("nadam", "nadam, adamw, adam, sgd, rmsprop or lion", TRAINING,

@@ -197,12 +197,14 @@ def vanilla_cnn(x, cfg: Config):
 
     def conv_bn(x, filters, strides=1, per_image=False):
         if per_image:
-            # IBN-a: half the channels per image, half per batch. Two convolutions of half the filters compute
+            # IBN-a: some channels per image (half in the paper), the rest per batch. Two convolutions compute
             # what one would; slicing one convolution's output instead made a training step 1.4x as long.
-            half = filters // 2
-            halves = [InstanceNorm()(conv(x, half, strides)),
-                      layers.BatchNormalization(momentum=0.9)(conv(x, filters - half, strides))]
-            return layers.Activation("relu")(layers.Concatenate()(halves))
+            per_image_filters = min(filters, max(1, round(filters * cfg.instance_norm_share)))
+            parts = [InstanceNorm()(conv(x, per_image_filters, strides))]
+            if per_image_filters < filters:
+                parts.append(layers.BatchNormalization(momentum=0.9)(conv(x, filters - per_image_filters, strides)))
+            x = parts[0] if len(parts) == 1 else layers.Concatenate()(parts)
+            return layers.Activation("relu")(x)
         x = conv(x, filters, strides)
         # momentum 0.9: the moving statistics catch up within an epoch, so inference mode matches training mode
         x = layers.BatchNormalization(momentum=0.9)(x)
