@@ -199,12 +199,12 @@ def vanilla_cnn(x, cfg: Config):
         if per_image:
             # IBN-a: some channels per image (half in the paper), the rest per batch. Two convolutions compute
             # what one would; slicing one convolution's output instead made a training step 1.4x as long.
-            per_image_filters = min(filters, max(1, round(filters * cfg.instance_norm_share)))
-            parts = [InstanceNorm()(conv(x, per_image_filters, strides))]
-            if per_image_filters < filters:
-                parts.append(layers.BatchNormalization(momentum=0.9)(conv(x, filters - per_image_filters, strides)))
-            x = parts[0] if len(parts) == 1 else layers.Concatenate()(parts)
-            return layers.Activation("relu")(x)
+            channels = min(filters, max(1, round(filters * cfg.instance_norm_share)))
+            out = InstanceNorm()(conv(x, channels, strides))
+            if channels < filters:
+                per_batch = layers.BatchNormalization(momentum=0.9)(conv(x, filters - channels, strides))
+                out = layers.Concatenate()([out, per_batch])
+            return layers.Activation("relu")(out)
         x = conv(x, filters, strides)
         # momentum 0.9: the moving statistics catch up within an epoch, so inference mode matches training mode
         x = layers.BatchNormalization(momentum=0.9)(x)
