@@ -84,6 +84,22 @@ def test_instance_norm_graph_matches_onnxruntime(real_slice, share):
         np.testing.assert_allclose(out, reference, atol=1e-5, err_msg=name)
 
 
+def test_local_contrast_graph_matches_onnxruntime(real_slice):
+    """--local-contrast: reflected padding, column and row Gaussian passes, a channel mean, a square root."""
+    from trainer.config import make_config
+    from trainer.export import to_onnx
+    from trainer.models import build_model
+    model = build_model(make_config("smoke", width=8, dense_units=16, instance_norm=True, local_contrast=3.0,
+                                    seed=4))
+    onnx_model, _ = to_onnx(model)
+    ops = {n.op_type for n in onnx_model.graph.node}
+    assert {"Pad", "Sqrt", "Concat"} <= ops
+    reference, outputs = run_both(onnx_model.SerializeToString(), real_slice[0][:6].astype(np.float32))
+    np.testing.assert_allclose(reference, np.asarray(model(real_slice[0][:6].astype(np.float32))), atol=1e-5)
+    for name, out in outputs.items():
+        np.testing.assert_allclose(out, reference, atol=1e-5, err_msg=name)
+
+
 def many_ops_model(weights_dtype=np.float32) -> bytes:
     """A small NCHW network through the ops the registry's other models use, with odd pads, strides and groups."""
     rng = np.random.default_rng(0)

@@ -327,3 +327,30 @@ def test_instance_norm_share_sets_how_many_early_channels_are_per_image(tmp_path
     all_per_image.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
     np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(all_per_image(x)), atol=1e-6)
+
+
+def test_local_contrast_restores_texture_under_a_veil_and_saves(real_slice, tmp_path):
+    from trainer.models import LocalContrast
+    cells = real_slice[0][:6].astype(np.float32) / 255.0
+    layer = LocalContrast(sigma=4.0, floor=0.03)
+    out = np.asarray(layer(cells))
+    assert out.shape == (6, 96, 96, 6)
+    np.testing.assert_allclose(out[..., :3], cells, atol=1e-6)  # the image passes through beside its contrast
+    # a translucent light veil over the left half: there the image's detail falls to 0.6 of itself, its local
+    # contrast stays near what it was (away from the veil's edge, where the window sees both sides)
+    veiled = cells.copy()
+    veiled[:, :, :48] = cells[:, :, :48] * 0.6 + 0.4 * 0.95
+    local, local_veiled = out[..., 3:], np.asarray(layer(veiled))[..., 3:]
+    inside, outside = np.s_[:, :, 8:36], np.s_[:, :, 60:88]
+    assert np.abs(local_veiled[inside]).mean() / np.abs(local[inside]).mean() > 0.85
+    np.testing.assert_allclose(local_veiled[outside], local[outside], atol=1e-5)
+    # a flat image has no contrast to restore: the floor keeps it at zero, not at noise blown up
+    flat = np.asarray(layer(np.full((1, 32, 32, 3), 0.7, np.float32)))[..., 3:]
+    np.testing.assert_allclose(flat, 0.0, atol=1e-4)
+    model = build_model(make_config("smoke", width=8, dense_units=16, local_contrast=4.0, seed=2))
+    stem = next(layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
+    assert stem.kernel.shape[2] == 6  # the stem reads the image and its local contrast
+    x = real_slice[0][:3].astype(np.float32)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(model(x)), atol=1e-6)

@@ -172,6 +172,11 @@ class Config:
     feature_jitter: float = option(0.0, "vanilla_cnn, training only: share of the images whose per-channel "
                                    "feature means and spreads move at random, after the stem and the first "
                                    "three blocks (DSU, Li et al., ICLR 2022); 0 = off", MODEL, low=0.0, high=1.0)
+    local_contrast: float = option(0.0, "vanilla_cnn: sigma in pixels of a Gaussian window; each pixel's "
+                                   "difference from the window's mean over the window's spread goes into the "
+                                   "stem beside the image (also in model.onnx), so texture dimmed by a veil, a "
+                                   "blur or a local exposure change comes back at its usual contrast; 0 = off",
+                                   MODEL, low=0.0, high=16.0)
     instance_norm: bool = option(False, "vanilla_cnn: half the channels (--instance-norm-share) of each "
                                  "convolution in the stem and the first three blocks normalised per image instead "
                                  "of per batch, in model.onnx too (IBN-a, Pan et al., ECCV 2018), so a change to a "

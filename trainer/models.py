@@ -1,6 +1,7 @@
 """Model registry: build any registered classifier by name; input is raw 0-255 RGB pixels."""
 from __future__ import annotations
 
+import math
 import os
 
 import keras
@@ -87,6 +88,39 @@ class BlurPool(layers.Layer):
         # Reflected borders: zero padding would darken the edge of every feature map it blurs.
         x = keras.ops.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
         return keras.ops.depthwise_conv(x, keras.ops.cast(kernel, x.dtype), strides=2, padding="valid")
+
+
+@keras.saving.register_keras_serializable(package="trainer")
+class LocalContrast(layers.Layer):
+    """The image and, beside it, each pixel's difference from its neighbourhood's mean over that neighbourhood's
+    spread (a Gaussian window of sigma pixels, the spread of the three channels pooled): texture that a translucent
+    veil, a blur or a local change of exposure dims comes back at its usual contrast, colours in proportion."""
+
+    def __init__(self, sigma: float = 4.0, floor: float = 0.03, **kwargs):
+        super().__init__(**kwargs)
+        self.sigma = sigma
+        self.floor = floor
+
+    def call(self, x):
+        radius = max(1, int(math.ceil(2.0 * self.sigma)))
+        taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / self.sigma) ** 2)
+        taps = taps / taps.sum()
+        both = keras.ops.concatenate([x, x * x], axis=-1)
+        channels = both.shape[-1]
+        # Reflected borders, as in BlurPool; one pass down the columns, one along the rows.
+        both = keras.ops.pad(both, ((0, 0), (radius, radius), (radius, radius), (0, 0)), mode="reflect")
+        down = np.tile(taps[:, None, None, None], (1, 1, channels, 1))
+        along = np.tile(taps[None, :, None, None], (1, 1, channels, 1))
+        both = keras.ops.depthwise_conv(both, keras.ops.cast(down, x.dtype), padding="valid")
+        both = keras.ops.depthwise_conv(both, keras.ops.cast(along, x.dtype), padding="valid")
+        mean, square = both[..., :channels // 2], both[..., channels // 2:]
+        spread = keras.ops.mean(keras.ops.maximum(square - mean * mean, 0.0), axis=-1, keepdims=True)
+        # The floor keeps a flat background's noise from being blown up to the contrast of a granule.
+        local = (x - mean) / keras.ops.sqrt(spread + self.floor * self.floor)
+        return keras.ops.concatenate([x, local], axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "sigma": self.sigma, "floor": self.floor}
 
 
 @keras.saving.register_keras_serializable(package="trainer")
@@ -211,6 +245,8 @@ def vanilla_cnn(x, cfg: Config):
         return layers.Activation("relu")(x)
 
     x = Preprocess(spec_of("vanilla_cnn").preprocess, name="preprocess")(x)
+    if cfg.local_contrast > 0:
+        x = LocalContrast(cfg.local_contrast, name="local_contrast")(x)
     # The stem stays a strided convolution even with blur_pool: at full size it would double the cost of a step.
     x = conv_bn(x, cfg.width, strides=2, per_image=cfg.instance_norm and cfg.instance_norm_stem)
     if cfg.feature_jitter > 0:
