@@ -347,9 +347,13 @@ def test_local_contrast_restores_texture_under_a_veil_and_saves(real_slice, tmp_
     # a flat image has no contrast to restore: the floor keeps it at zero, not at noise blown up
     flat = np.asarray(layer(np.full((1, 32, 32, 3), 0.7, np.float32)))[..., 3:]
     np.testing.assert_allclose(flat, 0.0, atol=1e-4)
-    model = build_model(make_config("smoke", width=8, dense_units=16, local_contrast=4.0, seed=2))
+    # a higher floor divides low-contrast patches by more: less of their texture lifted
+    assert np.abs(np.asarray(LocalContrast(4.0, floor=0.08)(cells))[..., 3:]).mean() < 0.8 * np.abs(local).mean()
+    model = build_model(make_config("smoke", width=8, dense_units=16, local_contrast=4.0, local_contrast_floor=0.08,
+                                    seed=2))
     stem = next(layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
     assert stem.kernel.shape[2] == 6  # the stem reads the image and its local contrast
+    assert model.get_layer("local_contrast").floor == 0.08
     x = real_slice[0][:3].astype(np.float32)
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")

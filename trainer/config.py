@@ -177,6 +177,10 @@ class Config:
                                    "stem beside the image (also in model.onnx), so texture dimmed by a veil, a "
                                    "blur or a local exposure change comes back at its usual contrast; 0 = off",
                                    MODEL, low=0.0, high=16.0)
+    local_contrast_floor: float = option(0.03, "vanilla_cnn with local_contrast: the least spread a window is "
+                                         "divided by, on the 0-1 pixel scale (a cell's median is about 0.08); "
+                                         "higher = less noise lifted from flat patches, less of a veil's dimming "
+                                         "undone", MODEL, low=0.001, high=1.0, needs="local_contrast")
     instance_norm: bool = option(False, "vanilla_cnn: half the channels (--instance-norm-share) of each "
                                  "convolution in the stem and the first three blocks normalised per image instead "
                                  "of per batch, in model.onnx too (IBN-a, Pan et al., ECCV 2018), so a change to a "

@@ -246,7 +246,7 @@ def vanilla_cnn(x, cfg: Config):
 
     x = Preprocess(spec_of("vanilla_cnn").preprocess, name="preprocess")(x)
     if cfg.local_contrast > 0:
-        x = LocalContrast(cfg.local_contrast, name="local_contrast")(x)
+        x = LocalContrast(cfg.local_contrast, cfg.local_contrast_floor, name="local_contrast")(x)
     # The stem stays a strided convolution even with blur_pool: at full size it would double the cost of a step.
     x = conv_bn(x, cfg.width, strides=2, per_image=cfg.instance_norm and cfg.instance_norm_stem)
     if cfg.feature_jitter > 0:
