@@ -175,8 +175,9 @@ class Config:
     local_contrast: float = option(0.0, "vanilla_cnn: sigma in pixels of a Gaussian window; each pixel's "
                                    "difference from the window's mean over the window's spread goes into the "
                                    "stem beside the image (also in model.onnx), so texture dimmed by a veil, a "
-                                   "blur or a local exposure change comes back at its usual contrast; 0 = off",
-                                   MODEL, low=0.0, high=16.0)
+                                   "blur or a local exposure change comes back at its usual contrast; 0 = off "
+                                   "(at most 8, so the window fits a 32-pixel --low-res-size image)",
+                                   MODEL, low=0.0, high=8.0)
     local_contrast_floor: float = option(0.03, "vanilla_cnn with local_contrast: the least spread a window is "
                                          "divided by, on the 0-1 pixel scale (a cell's median is about 0.08); "
                                          "higher = less noise lifted from flat patches, less of a veil's dimming "
