@@ -94,8 +94,9 @@ def test_local_contrast_graph_matches_onnxruntime(real_slice):
     onnx_model, _ = to_onnx(model)
     ops = {n.op_type for n in onnx_model.graph.node}
     assert {"Pad", "Sqrt", "Concat"} <= ops
-    reference, outputs = run_both(onnx_model.SerializeToString(), real_slice[0][:6].astype(np.float32))
-    np.testing.assert_allclose(reference, np.asarray(model(real_slice[0][:6].astype(np.float32))), atol=1e-5)
+    x = real_slice[0][:6].astype(np.float32)
+    reference, outputs = run_both(onnx_model.SerializeToString(), x)
+    np.testing.assert_allclose(reference, np.asarray(model(x)), atol=1e-5)
     for name, out in outputs.items():
         np.testing.assert_allclose(out, reference, atol=1e-5, err_msg=name)
 

@@ -105,15 +105,16 @@ class LocalContrast(layers.Layer):
         radius = max(1, int(math.ceil(2.0 * self.sigma)))
         taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / self.sigma) ** 2)
         taps = taps / taps.sum()
+        channels = x.shape[-1]
+        # The image and its square blurred together; reflected borders, as in BlurPool; one pass down the
+        # columns, one along the rows.
         both = keras.ops.concatenate([x, x * x], axis=-1)
-        channels = both.shape[-1]
-        # Reflected borders, as in BlurPool; one pass down the columns, one along the rows.
         both = keras.ops.pad(both, ((0, 0), (radius, radius), (radius, radius), (0, 0)), mode="reflect")
-        down = np.tile(taps[:, None, None, None], (1, 1, channels, 1))
-        along = np.tile(taps[None, :, None, None], (1, 1, channels, 1))
+        down = np.tile(taps[:, None, None, None], (1, 1, 2 * channels, 1))
+        along = np.tile(taps[None, :, None, None], (1, 1, 2 * channels, 1))
         both = keras.ops.depthwise_conv(both, keras.ops.cast(down, x.dtype), padding="valid")
         both = keras.ops.depthwise_conv(both, keras.ops.cast(along, x.dtype), padding="valid")
-        mean, square = both[..., :channels // 2], both[..., channels // 2:]
+        mean, square = both[..., :channels], both[..., channels:]
         spread = keras.ops.mean(keras.ops.maximum(square - mean * mean, 0.0), axis=-1, keepdims=True)
         # The floor keeps a flat background's noise from being blown up to the contrast of a granule.
         local = (x - mean) / keras.ops.sqrt(spread + self.floor * self.floor)
