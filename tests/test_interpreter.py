@@ -101,6 +101,23 @@ def test_local_contrast_graph_matches_onnxruntime(real_slice):
         np.testing.assert_allclose(out, reference, atol=1e-5, err_msg=name)
 
 
+def test_wide_stem_graph_matches_onnxruntime(real_slice):
+    """--stem-kernel 7: a stride-2 7x7 convolution, padded 2 before and 3 after on a 96-pixel side ("same")."""
+    from trainer.config import make_config
+    from trainer.export import to_onnx
+    from trainer.models import build_model
+    model = build_model(make_config("smoke", width=8, dense_units=16, instance_norm=True, stem_kernel=7, seed=5))
+    onnx_model, _ = to_onnx(model)
+    kernels = [list(a.ints) for n in onnx_model.graph.node if n.op_type == "Conv" for a in n.attribute
+               if a.name == "kernel_shape"]
+    assert [7, 7] in kernels
+    x = real_slice[0][:6].astype(np.float32)
+    reference, outputs = run_both(onnx_model.SerializeToString(), x)
+    np.testing.assert_allclose(reference, np.asarray(model(x)), atol=1e-5)
+    for name, out in outputs.items():
+        np.testing.assert_allclose(out, reference, atol=1e-5, err_msg=name)
+
+
 def many_ops_model(weights_dtype=np.float32) -> bytes:
     """A small NCHW network through the ops the registry's other models use, with odd pads, strides and groups."""
     rng = np.random.default_rng(0)

@@ -227,20 +227,21 @@ def vanilla_cnn(x, cfg: Config):
     """A small VGG-style CNN that trains from scratch on a CPU: stride-2 stem, four conv blocks."""
     reg = keras.regularizers.l2(cfg.l2) if cfg.l2 > 0 else None
 
-    def conv(x, filters, strides):
-        return layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, kernel_regularizer=reg)(x)
+    def conv(x, filters, strides, kernel=3):
+        return layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False,
+                             kernel_regularizer=reg)(x)
 
-    def conv_bn(x, filters, strides=1, per_image=False):
+    def conv_bn(x, filters, strides=1, per_image=False, kernel=3):
         if per_image:
             # IBN-a: some channels per image (half in the paper), the rest per batch. Two convolutions compute
             # what one would; slicing one convolution's output instead made a training step 1.4x as long.
             channels = min(filters, max(1, round(filters * cfg.instance_norm_share)))
-            out = InstanceNorm()(conv(x, channels, strides))
+            out = InstanceNorm()(conv(x, channels, strides, kernel))
             if channels < filters:
-                per_batch = layers.BatchNormalization(momentum=0.9)(conv(x, filters - channels, strides))
+                per_batch = layers.BatchNormalization(momentum=0.9)(conv(x, filters - channels, strides, kernel))
                 out = layers.Concatenate()([out, per_batch])
             return layers.Activation("relu")(out)
-        x = conv(x, filters, strides)
+        x = conv(x, filters, strides, kernel)
         # momentum 0.9: the moving statistics catch up within an epoch, so inference mode matches training mode
         x = layers.BatchNormalization(momentum=0.9)(x)
         return layers.Activation("relu")(x)
@@ -249,7 +250,9 @@ def vanilla_cnn(x, cfg: Config):
     if cfg.local_contrast > 0:
         x = LocalContrast(cfg.local_contrast, cfg.local_contrast_floor, name="local_contrast")(x)
     # The stem stays a strided convolution even with blur_pool: at full size it would double the cost of a step.
-    x = conv_bn(x, cfg.width, strides=2, per_image=cfg.instance_norm and cfg.instance_norm_stem)
+    # A wider stem kernel is cheap: it reads 3 (or 6) input channels, against 32 for every later convolution.
+    x = conv_bn(x, cfg.width, strides=2, per_image=cfg.instance_norm and cfg.instance_norm_stem,
+                kernel=cfg.stem_kernel)
     if cfg.feature_jitter > 0:
         x = FeatureJitter(cfg.feature_jitter)(x)
     for i, mult in enumerate((1, 2, 4, 8)):
