@@ -29,6 +29,15 @@ def run_both(model_bytes: bytes, x: np.ndarray):
     return reference, {ops.name: interpreter.Interpreter(graph, ops).run(x) for ops in backends()}
 
 
+def assert_interpreter_matches(onnx_model, x: np.ndarray, keras_model=None) -> None:
+    """Both interpreter backends give ONNX Runtime's output on x, and so does keras_model when given."""
+    reference, outputs = run_both(onnx_model.SerializeToString(), x)
+    if keras_model is not None:
+        np.testing.assert_allclose(reference, np.asarray(keras_model(x)), atol=1e-5)
+    for name, out in outputs.items():
+        np.testing.assert_allclose(out, reference, atol=1e-5, err_msg=name)
+
+
 def test_exported_model_matches_onnxruntime(submission_dir, real_slice):
     data = (submission_dir / "model.onnx").read_bytes()
     x = real_slice[0][:48].astype(np.float32)
@@ -48,9 +57,7 @@ def test_convnext_graph_matches_onnxruntime(real_slice):
     assert fused["LayerNormalization"] and fused["Gelu"]
     ops = {n.op_type for n in onnx_model.graph.node}
     assert {"Resize", "LayerNormalization", "Gelu", "Conv"} <= ops
-    reference, outputs = run_both(onnx_model.SerializeToString(), real_slice[0][:6].astype(np.float32))
-    for name, out in outputs.items():
-        np.testing.assert_allclose(out, reference, atol=1e-5, err_msg=name)
+    assert_interpreter_matches(onnx_model, real_slice[0][:6].astype(np.float32))
 
 
 def test_blur_pool_graph_matches_onnxruntime(real_slice):
@@ -63,9 +70,7 @@ def test_blur_pool_graph_matches_onnxruntime(real_slice):
     pads = [n for n in onnx_model.graph.node if n.op_type == "Pad"]
     assert pads and all(helper.get_attribute_value(a) == b"reflect" for n in pads for a in n.attribute
                         if a.name == "mode")
-    reference, outputs = run_both(onnx_model.SerializeToString(), real_slice[0][:6].astype(np.float32))
-    for name, out in outputs.items():
-        np.testing.assert_allclose(out, reference, atol=1e-5, err_msg=name)
+    assert_interpreter_matches(onnx_model, real_slice[0][:6].astype(np.float32))
 
 
 @pytest.mark.parametrize("share", [0.5, 1.0])
@@ -79,9 +84,7 @@ def test_instance_norm_graph_matches_onnxruntime(real_slice, share):
     onnx_model, _ = to_onnx(model)
     ops = {n.op_type for n in onnx_model.graph.node}
     assert "ReduceMean" in ops and ("Concat" in ops) == (share < 1)
-    reference, outputs = run_both(onnx_model.SerializeToString(), real_slice[0][:6].astype(np.float32))
-    for name, out in outputs.items():
-        np.testing.assert_allclose(out, reference, atol=1e-5, err_msg=name)
+    assert_interpreter_matches(onnx_model, real_slice[0][:6].astype(np.float32))
 
 
 def test_local_contrast_graph_matches_onnxruntime(real_slice):
@@ -94,11 +97,7 @@ def test_local_contrast_graph_matches_onnxruntime(real_slice):
     onnx_model, _ = to_onnx(model)
     ops = {n.op_type for n in onnx_model.graph.node}
     assert {"Pad", "Sqrt", "Concat"} <= ops
-    x = real_slice[0][:6].astype(np.float32)
-    reference, outputs = run_both(onnx_model.SerializeToString(), x)
-    np.testing.assert_allclose(reference, np.asarray(model(x)), atol=1e-5)
-    for name, out in outputs.items():
-        np.testing.assert_allclose(out, reference, atol=1e-5, err_msg=name)
+    assert_interpreter_matches(onnx_model, real_slice[0][:6].astype(np.float32), model)
 
 
 def test_wide_stem_graph_matches_onnxruntime(real_slice):
@@ -111,11 +110,7 @@ def test_wide_stem_graph_matches_onnxruntime(real_slice):
     kernels = [list(a.ints) for n in onnx_model.graph.node if n.op_type == "Conv" for a in n.attribute
                if a.name == "kernel_shape"]
     assert [7, 7] in kernels
-    x = real_slice[0][:6].astype(np.float32)
-    reference, outputs = run_both(onnx_model.SerializeToString(), x)
-    np.testing.assert_allclose(reference, np.asarray(model(x)), atol=1e-5)
-    for name, out in outputs.items():
-        np.testing.assert_allclose(out, reference, atol=1e-5, err_msg=name)
+    assert_interpreter_matches(onnx_model, real_slice[0][:6].astype(np.float32), model)
 
 
 def many_ops_model(weights_dtype=np.float32) -> bytes:

@@ -43,16 +43,12 @@ def test_first_block_convs_drops_one_48x48_convolution():
 
 
 def test_stem_kernel_sets_the_strided_stem_convolution_only():
-    def stem_kernels(model):
+    def kernels(model, stride):
         return {layer.kernel_size for layer in model._flatten_layers()
-                if isinstance(layer, keras.layers.Conv2D) and layer.strides == (2, 2)}
-
-    def other_kernels(model):
-        return {layer.kernel_size for layer in model._flatten_layers()
-                if isinstance(layer, keras.layers.Conv2D) and layer.strides == (1, 1)}
+                if isinstance(layer, keras.layers.Conv2D) and layer.strides == (stride, stride)}
     three, seven = (build_model(make_config("cpu", stem_kernel=k)) for k in (3, 7))
-    assert stem_kernels(three) == {(3, 3)} and stem_kernels(seven) == {(7, 7)}
-    assert other_kernels(seven) == {(3, 3)}
+    assert kernels(three, 2) == {(3, 3)} and kernels(seven, 2) == {(7, 7)}
+    assert kernels(seven, 1) == {(3, 3)}
     assert seven.output_shape == three.output_shape == (None, 8)
     # the stem reads 3 channels into cfg.width (32) filters, in two halves under instance norm
     assert seven.count_params() - three.count_params() == (49 - 9) * 3 * 32
