@@ -187,3 +187,5 @@ def test_options_page_is_generated_from_the_config():
     with open(os.path.join(ROOT, "docs", "options.md")) as fh:
         page = fh.read()
     assert page == options_markdown() + "\n", "docs/options.md is stale: run make options"
+    # a dependent option's help ends its sentence before "Acts only with ..." follows it
+    assert page.count(". Acts only with --") == page.count("Acts only with --") > 5

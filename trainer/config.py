@@ -507,8 +507,10 @@ def options_markdown() -> str:
             meta = f.metadata
             if meta["group"] != group or f.name == "profile":
                 continue
+            text = meta["help"].replace("|", "/").replace("<", "&lt;")
+            if meta["needs"] is not None:  # the help is a phrase; end it before the sentence that follows
+                text = text.rstrip(".") + "."
             lines.append(f"| `{flag(f.name)}` | {f.type} | `{f.default!r}` | {_span(meta)} | "
-                         f"{'yes' if meta['resume'] else ''} | {meta['help'].replace('|', '/').replace('<', '&lt;')}"
-                         f"{_needs_text(meta)} |")
+                         f"{'yes' if meta['resume'] else ''} | {text}{_needs_text(meta)} |")
         lines.append("")
     return "\n".join(lines)
