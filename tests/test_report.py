@@ -230,7 +230,9 @@ def test_runs_sort_and_markdown(runs_dir):
 def test_notes_give_the_flags_that_set_a_run_apart_from_its_profile():
     def notes(**overrides):
         return runs.notes(dataclasses.asdict(make_config("cpu", **overrides)), {"test": {}})
-    assert notes(seed=7, epochs=30, time_budget_min=0.0) == "erase 0.5", "training settings are not named"
+    assert notes(seed=7, epochs=30, time_budget_min=0.0) == "erase 0.5", "how long a run trains is not named"
+    assert notes(weight_decay=0.05, label_smoothing=0.0).split(", ") == ["erase 0.5", "--weight-decay 0.05",
+                                                                       "--label-smoothing 0"]
     text = notes(corrupt_blur=3.0, corrupt_jpeg=False, erase_fill="extremes", erase=0.3, blur_pool=True, width=48)
     assert text.split(", ") == ["erase 0.3", "--erase-fill extremes", "--corrupt-jpeg false", "--corrupt-blur 3",
                                 "--width 48", "--blur-pool true"]

@@ -69,17 +69,21 @@ def _flag_value(value) -> str:
 
 # The model column names the architecture; a weights path would swamp the notes.
 UNNAMED = LABELLED + ("model", "weights")
+# Training settings that change what a run learns; those of how long it trains have the epochs and time columns.
+RECIPE = ("learning_rate", "weight_decay", "label_smoothing", "batch_size", "schedule", "consistency",
+          "mixed_precision", "low_res_size")
 
 
 def profile_changes(cfg: dict) -> list[str]:
-    """The augmentation and model settings in which a run differs from its profile as that profile is today, as
-    the flags that turn today's profile into the run's ("--corrupt-blur 3", "--blur-pool true"); none when the
-    profile no longer exists."""
+    """The augmentation, model and recipe settings in which a run differs from its profile as that profile is
+    today, as the flags that turn today's profile into the run's ("--corrupt-blur 3", "--weight-decay 0.05"); none
+    when the profile no longer exists."""
     if cfg.get("profile") not in PROFILES:
         return []
     today = make_config(cfg["profile"])
     return [f"{flag(f.name)} {_flag_value(cfg[f.name])}" for f in fields(Config)
-            if f.metadata["group"] in (GEOMETRY, TRANSFORMS, MODEL) and f.name not in UNNAMED and f.name in cfg
+            if (f.metadata["group"] in (GEOMETRY, TRANSFORMS, MODEL) or f.name in RECIPE) and f.name not in UNNAMED
+            and f.name in cfg
             and cfg[f.name] != getattr(today, f.name)]
 
 
