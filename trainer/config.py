@@ -201,7 +201,9 @@ class Config:
     optimizer: str = option("nadam", "nadam, adamw, adam, sgd, rmsprop or lion", TRAINING,
                             choices=("nadam", "adamw", "adam", "sgd", "rmsprop", "lion"))
     learning_rate: float = option(1e-3, "learning rate of the first phase", TRAINING, low=0.0, high=1.0)
-    weight_decay: float = option(1e-4, "decoupled weight decay (optimizers that take it); 0 = off", TRAINING,
+    weight_decay: float = option(1e-4, "decoupled weight decay (optimizers that take it; Keras shrinks each "
+                                 "weight by learning rate x this a step, so 1e-4 at lr 2e-3 is about 2e-7 a step, "
+                                 "next to nothing; AdamW recipes use 0.01-0.05); 0 = off", TRAINING,
                                  low=0.0, high=1.0)
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy", TRAINING, low=0.0, high=0.5)
     batch_size: int = option(64, "images a training step", TRAINING, low=1, high=4096)
