@@ -107,6 +107,22 @@ def test_cleaning_finds_planted_junk_anywhere(real_slice):
     assert report.kept == len(keep) == 300 - 2 - len(set(repeated.tolist()) | {5}) - 1 - 2
 
 
+def test_rare_colour_share_follows_its_definition(real_slice):
+    """Each image's share of pixels whose 16-level colour makes up under floor of the other images' pixels."""
+    images = real_slice[0][:40].copy()
+    images[3, :30] = (0, 255, 0)  # a green band: a colour no smear has
+    images[9] = np.random.default_rng(1).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    floor = 1e-3
+    codes = [(img // 16).reshape(-1, 3) @ np.array([256, 16, 1]) for img in images]
+    counts = [np.bincount(c, minlength=4096) for c in codes]
+    shares = data.rare_colour_share(images, floor=floor, chunk=7)  # chunks that do not divide the images
+    for i in range(len(images)):
+        others = sum(counts) - counts[i]
+        rare = others / others.sum() < floor
+        assert shares[i] == pytest.approx(rare[codes[i]].mean(), abs=1e-12)
+    assert shares[3] >= 30 / 96 and shares[9] > 0.5 and np.median(shares) < 0.05
+
+
 def test_cleaning_the_real_file(data_path, tmp_path):
     images, labels = data.load_npz(data_path)
     keep, report = data.clean(images, labels)

@@ -129,14 +129,19 @@ def rare_colour_share(images: np.ndarray, floor: float = 1e-5, chunk: int = 1000
     image is left out of the reference it is judged against, so one odd image cannot vouch for itself.
     """
     bins = 4096
+
+    def codes_of(x):
+        # The top 4 bits of red and green share one byte before the widening: a third of the work of shifting
+        # and widening each channel, which made this the slowest step of cleaning.
+        red_green = (x[..., 0] & 0xF0) | (x[..., 1] >> 4)
+        return ((red_green.astype(np.int32) << 4) | (x[..., 2] >> 4)).reshape(len(x), -1)
+
     def own_counts(x):
-        b = (x >> 4).reshape(len(x), -1, 3).astype(np.int64)
-        codes = (b[..., 0] << 8) | (b[..., 1] << 4) | b[..., 2]
-        codes += np.arange(len(x))[:, None] * bins
+        codes = codes_of(x) + np.arange(len(x), dtype=np.int32)[:, None] * bins
         return np.bincount(codes.ravel(), minlength=len(x) * bins).reshape(len(x), bins)
     total = np.zeros(bins, np.int64)
     for start in range(0, len(images), chunk):
-        total += own_counts(images[start:start + chunk]).sum(0)
+        total += np.bincount(codes_of(images[start:start + chunk]).ravel(), minlength=bins)
     n_pixels = images.shape[1] * images.shape[2]
     others = max(total.sum() - n_pixels, 1)
     shares = np.empty(len(images))
