@@ -113,6 +113,17 @@ def test_wide_stem_graph_matches_onnxruntime(real_slice):
     assert_interpreter_matches(onnx_model, real_slice[0][:6].astype(np.float32), model)
 
 
+def test_squeeze_excite_graph_matches_onnxruntime(real_slice):
+    """--squeeze-excite: channel means, two dense layers and a sigmoid gate multiplied into each block."""
+    from trainer.config import make_config
+    from trainer.export import to_onnx
+    from trainer.models import build_model
+    model = build_model(make_config("smoke", width=8, dense_units=16, instance_norm=True, squeeze_excite=4, seed=6))
+    onnx_model, _ = to_onnx(model)
+    assert sum(n.op_type == "Sigmoid" for n in onnx_model.graph.node) == 4
+    assert_interpreter_matches(onnx_model, real_slice[0][:6].astype(np.float32), model)
+
+
 def many_ops_model(weights_dtype=np.float32) -> bytes:
     """A small NCHW network through the ops the registry's other models use, with odd pads, strides and groups."""
     rng = np.random.default_rng(0)

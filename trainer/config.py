@@ -173,6 +173,11 @@ class Config:
     blur_pool: bool = option(False, "vanilla_cnn: anti-aliased max pooling (Zhang, ICML 2019): the max of each "
                              "2x2 window at every position, then a 3x3 binomial blur before one pixel in four is "
                              "kept; about 5% slower steps on 2 cores", MODEL)
+    squeeze_excite: int = option(0, "vanilla_cnn: squeeze-and-excitation (Hu et al., CVPR 2018) at the end of "
+                                 "each of the four blocks: each image's channel means, through two small dense "
+                                 "layers, scale its channels (in model.onnx too), so a block can damp the "
+                                 "channels an artefact excites; the value is the reduction ratio (8 = a block "
+                                 "of 64 channels squeezes to 8); 0 = off", MODEL, low=0, high=64)
     feature_jitter: float = option(0.0, "vanilla_cnn, training only: share of the images whose per-channel "
                                    "feature means and spreads move at random, after the stem and the first "
                                    "three blocks (DSU, Li et al., ICLR 2022); 0 = off", MODEL, low=0.0, high=1.0)

@@ -223,6 +223,15 @@ def build_backbone(cfg: Config, input_shape: tuple[int, int, int]) -> keras.Mode
     return backbone
 
 
+def squeeze_excite(x, ratio: int, name: str):
+    """Scale each channel by a gate in (0, 1) computed from the image's channel means (Hu et al., CVPR 2018)."""
+    channels = x.shape[-1]
+    gate = layers.GlobalAveragePooling2D(keepdims=True, name=f"{name}_squeeze")(x)
+    gate = layers.Dense(max(1, channels // ratio), activation="relu", name=f"{name}_reduce")(gate)
+    gate = layers.Dense(channels, activation="sigmoid", name=f"{name}_gate")(gate)
+    return layers.Multiply(name=f"{name}_scale")([x, gate])
+
+
 def vanilla_cnn(x, cfg: Config):
     """A small VGG-style CNN that trains from scratch on a CPU: stride-2 stem, four conv blocks."""
     reg = keras.regularizers.l2(cfg.l2) if cfg.l2 > 0 else None
@@ -259,6 +268,8 @@ def vanilla_cnn(x, cfg: Config):
         # The 48x48 block costs the most per image: one of its two convolutions is the cheap thing to drop.
         for _ in range(cfg.first_block_convs if i == 0 else 2):
             x = conv_bn(x, cfg.width * mult, per_image=cfg.instance_norm and i < 3)
+        if cfg.squeeze_excite:
+            x = squeeze_excite(x, cfg.squeeze_excite, name=f"se{i}")
         if i < 3 and cfg.blur_pool:
             # the max of each 2x2 window at every position, then the blur subsamples (Zhang's MaxBlurPool)
             x = BlurPool()(layers.MaxPooling2D(pool_size=2, strides=1, padding="same")(x))
