@@ -11,14 +11,14 @@ import time
 import numpy as np
 import pytest
 
-from benchmark.bench import CHUNK, TABLE_IMAGES
+from benchmark.bench import CHUNK, MAX_IMAGES, TABLE_IMAGES
 from trainer import corrupt, heldout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOLDOUT_IMAGES = 256
 # A busy machine shares its cores unevenly over time, so a short timed call can run faster per image than a long
-# one: the projection's sample is as large as the one make benchmark takes (at most 1,000 images).
-TIMING_IMAGES = 1000
+# one: the projection's sample is as large as the one make benchmark takes from a run's holdout.
+TIMING_IMAGES = MAX_IMAGES
 
 
 @pytest.fixture(scope="module")
