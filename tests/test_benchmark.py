@@ -59,19 +59,26 @@ print(model.tta_report["views"])
 """
 
 
-def real_run(submission, images: np.ndarray, tmp_path, **settings) -> tuple[float, int]:
-    """Wall time, and the views model.py chose, of a fresh process doing what the grader does, with these settings."""
+def grader_folder(submission, images: np.ndarray, tmp_path, **settings) -> tuple:
+    """A copy of the submission with these settings, and the images saved beside it: what a real run reads."""
     folder = tmp_path / "submission"
     shutil.copytree(submission, folder)
     merged = {**json.load(open(folder / "settings.json")), **settings}
     json.dump(merged, open(folder / "settings.json", "w"))
     np.savez(tmp_path / "images.npz", images=images)
+    return folder, tmp_path / "images.npz"
+
+
+def real_run(folder, images_path) -> tuple[float, int]:
+    """Wall time, and the views model.py chose, of a fresh process doing what the grader does."""
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     cores = sorted(os.sched_getaffinity(0))[:2]
     started = time.time()
-    proc = subprocess.run([sys.executable, "-I", "-c", REAL_RUN, str(folder), str(tmp_path / "images.npz")],
-                          check=True, cwd=tmp_path, env=env, preexec_fn=lambda: os.sched_setaffinity(0, cores),
-                          timeout=300, stdout=subprocess.PIPE, text=True)
+    # -B: no __pycache__ left in the shared folder, so every run compiles model.py, as the grader's fresh copy does.
+    proc = subprocess.run([sys.executable, "-I", "-B", "-c", REAL_RUN, str(folder), str(images_path)],
+                          check=True, cwd=images_path.parent, env=env,
+                          preexec_fn=lambda: os.sched_setaffinity(0, cores), timeout=300, stdout=subprocess.PIPE,
+                          text=True)
     seconds = time.time() - started
     return seconds, int(proc.stdout.split()[-1])
 
@@ -81,7 +88,8 @@ def real_run(submission, images: np.ndarray, tmp_path, **settings) -> tuple[floa
 @pytest.mark.parametrize("limit, n", [(600, 300), (1, 2000)], ids=["all-views", "short-limit"])
 def test_projection_matches_a_real_run(submission_dir, timing_set, real_slice, tmp_path, limit, n):
     """The projection for N images is within 25% of a real run of N images, with the views model.py chose."""
-    images = np.resize(real_slice[0], (n, 96, 96, 3))
+    folder, images_path = grader_folder(submission_dir, np.resize(real_slice[0], (n, 96, 96, 3)), tmp_path,
+                                        time_limit_s=limit, expected_test_size=n, safety_margin=0.5)
     tries = []
     # This machine is shared: its load comes in bursts of seconds, and a process whose two threads share a core
     # with other work can run at half speed. So projections and real runs alternate, three of each, and their
@@ -98,8 +106,7 @@ def test_projection_matches_a_real_run(submission_dir, timing_set, real_slice, t
             assert projection["views"] == figures["grader_run"]["report"]["views"]  # what model.py says it chose
             if limit < 10:  # the short limit leaves no time for extra views: the projection must not assume them
                 assert projection["views"] < 8, proc.stdout
-            seconds, views = real_run(submission_dir, images, tmp_path / f"real{attempt}-{i}",
-                                      time_limit_s=limit, expected_test_size=n, safety_margin=0.5)
+            seconds, views = real_run(folder, images_path)
             assert views == projection["views"], "the real run chose other views than the projection assumed"
             projected.append(projection["projected_s"])
             real.append(seconds)
