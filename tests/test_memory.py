@@ -47,3 +47,14 @@ def test_batches_shrink_for_bigger_inputs_and_models():
     assert batch_size_for(at_224) < batch_size_for(at_96) <= 128
     assert batch_size_for(at_224, 512) == batch_size_for(at_224) // 2
     assert batch_size_for(at_224, 16) >= 1
+
+
+def test_batched_probabilities_match_one_pass_with_a_short_last_batch():
+    from trainer.evaluate import predict_probs
+    model = build_model(make_config("smoke", seed=1))
+    images = np.random.default_rng(0).integers(0, 256, (37, 96, 96, 3), dtype=np.uint8)
+    whole = np.asarray(model(images.astype(np.float32), training=False))
+    batched = predict_probs(model, images, batch_size=16)  # 16 + 16 + 5
+    assert batched.shape == (37, 8)
+    np.testing.assert_allclose(batched, whole, atol=1e-5)
+    assert predict_probs(model, images[:0]).shape == (0, 8)
