@@ -122,6 +122,9 @@ def test_rare_colour_share_follows_its_definition(real_slice):
         rare = others / others.sum() < floor
         assert shares[i] == pytest.approx(rare[codes[i]].mean(), abs=1e-12)
     assert shares[3] >= 30 / 96 and shares[9] > 0.5 and np.median(shares) < 0.05
+    subset = np.array([0, 3, 9, 12, 13, 20, 31, 39])  # read in place: the same shares as a copy of those images
+    np.testing.assert_array_equal(data.rare_colour_share(images, floor=floor, chunk=3, subset=subset),
+                                  data.rare_colour_share(images[subset], floor=floor, chunk=3))
 
 
 def test_cleaning_the_real_file(data_path, tmp_path):

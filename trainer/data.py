@@ -121,8 +121,11 @@ def image_hashes(images: np.ndarray) -> np.ndarray:
     return np.array([hashlib.sha1(img.tobytes()).hexdigest() for img in images])
 
 
-def rare_colour_share(images: np.ndarray, floor: float = 1e-5, chunk: int = 1000) -> np.ndarray:
-    """Share of each image's pixels whose colour is rare among the pixels of all the other images.
+def rare_colour_share(images: np.ndarray, floor: float = 1e-5, chunk: int = 1000,
+                      subset: np.ndarray | None = None) -> np.ndarray:
+    """Share of each image's pixels whose colour is rare among the pixels of all the other images (of `subset`,
+    indices into images, when given: read a chunk at a time, as a copy of the subset would cost a second file's
+    worth of memory).
 
     Smears are pale backgrounds with violet-stained cells; a cartoon, a photo or noise puts most of its pixels in
     colours that make up under `floor` of all smear pixels. Colours are binned 16 levels per channel, and each
@@ -139,14 +142,15 @@ def rare_colour_share(images: np.ndarray, floor: float = 1e-5, chunk: int = 1000
     def own_counts(x):
         codes = codes_of(x) + np.arange(len(x), dtype=np.int32)[:, None] * bins
         return np.bincount(codes.ravel(), minlength=len(x) * bins).reshape(len(x), bins)
+    subset = np.arange(len(images)) if subset is None else np.asarray(subset)
     total = np.zeros(bins, np.int64)
-    for start in range(0, len(images), chunk):
-        total += np.bincount(codes_of(images[start:start + chunk]).ravel(), minlength=bins)
+    for start in range(0, len(subset), chunk):
+        total += np.bincount(codes_of(images[subset[start:start + chunk]]).ravel(), minlength=bins)
     n_pixels = images.shape[1] * images.shape[2]
     others = max(total.sum() - n_pixels, 1)
-    shares = np.empty(len(images))
-    for start in range(0, len(images), chunk):
-        own = own_counts(images[start:start + chunk])
+    shares = np.empty(len(subset))
+    for start in range(0, len(subset), chunk):
+        own = own_counts(images[subset[start:start + chunk]])
         rare = (total[None, :] - own) / others < floor
         shares[start:start + chunk] = (own * rare).sum(1) / n_pixels
     return shares
@@ -169,7 +173,7 @@ def clean(images: np.ndarray, labels: np.ndarray, max_copies: int = 3,
             keep[members[0]] = True
             removed["duplicate"].extend(int(i) for i in members[1:])
     candidates = np.flatnonzero(keep)
-    scores = rare_colour_share(images[candidates]) if len(candidates) else np.zeros(0)
+    scores = rare_colour_share(images, subset=candidates) if len(candidates) else np.zeros(0)
     junk = scores > rare_colour_threshold
     keep[candidates[junk]] = False
     removed["not_a_smear"] = [int(i) for i in candidates[junk]]
