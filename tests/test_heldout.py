@@ -5,7 +5,6 @@ import ast
 import dataclasses
 import functools
 import os
-import time
 from dataclasses import fields
 
 import numpy as np
@@ -62,15 +61,6 @@ def test_works_on_non_square_and_small_images(few):
 def test_apply_rejects_names_outside_the_held_out_registry(few):
     with pytest.raises(ValueError, match="unknown corruption 'gaussian_noise'"):
         heldout.apply(few, "gaussian_noise", 1, np.random.default_rng(0))  # seen in training: not held out
-
-
-@pytest.mark.parametrize("name", heldout.HELD_OUT)
-def test_thousand_images_take_seconds_not_minutes(real_slice, name):
-    images = real_slice[0][:1000]
-    started = time.perf_counter()
-    heldout.apply(images, name, 5, np.random.default_rng(0))
-    # Measured 0.1-2 s on a busy 2-core machine; the bound only catches a per-pixel Python loop.
-    assert time.perf_counter() - started < 20
 
 
 # ---- the declared split ---------------------------------------------------------------------------------
