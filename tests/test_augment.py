@@ -248,6 +248,49 @@ def test_corruption_stage_hits_the_chosen_share(batch):
     assert 0.35 < changed_share(images, out) < 0.65
 
 
+def test_damage_is_zero_exactly_where_the_corruption_stage_left_an_image_alone(batch):
+    """corrupt_and_damage's damage is 0 for untouched images, in (0, 1] for corrupted ones, and grows with the
+    strength the stage may draw."""
+    images = tf.constant(np.concatenate([batch] * 8), tf.float32)
+    means = []
+    for strength in (0.5, 1.0):
+        cfg = make_config("cpu", **{**OFF, "corrupt": 0.5, "corrupt_ops": 3}, corrupt_strength=strength)
+        tf.random.set_seed(2)
+        out, damage = augment.corrupt_and_damage(images, cfg)
+        damage = damage.numpy()
+        touched = np.abs(out.numpy() - images.numpy()).reshape(len(damage), -1).max(1) > 0
+        assert damage.shape == (len(images),)
+        assert np.all(damage[~touched] == 0.0) and np.all((damage[touched] > 0) & (damage[touched] <= 1.0))
+        assert 0.35 < touched.mean() < 0.65
+        means.append(damage[touched].mean())
+    assert means[0] < means[1]
+
+
+def test_soften_keeps_undamaged_labels_hard_and_lowers_the_true_class_with_damage():
+    onehot = tf.constant(np.eye(8, dtype=np.float32)[[3, 3, 3, 0]])
+    soft = augment.soften(onehot, tf.constant([0.0, 0.5, 1.0, 1.0]), amount=0.5).numpy()
+    np.testing.assert_allclose(soft.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(soft[0], onehot.numpy()[0])
+    np.testing.assert_allclose(soft[1, 3], 1 - 0.5 * 0.5 ** augment.SOFT_POWER, rtol=1e-6)
+    np.testing.assert_allclose(soft[2], [0.5 / 7] * 3 + [0.5] + [0.5 / 7] * 4, rtol=1e-6)
+    assert soft[3, 0] == soft.max(axis=1)[3] == 0.5
+
+
+def test_soft_corrupt_softens_the_labels_of_the_corrupted_share_only(real_slice):
+    """Through the training pipeline: rows stay distributions whose top class is the label's, and about the
+    corrupted share of them (corrupt=0.5) lose confidence; without --soft-corrupt every row stays one-hot."""
+    images, labels = real_slice[0][:128], real_slice[1][:128]
+    for amount in (0.0, 0.5):
+        cfg = make_config("cpu", **{**OFF, "corrupt": 0.5, "corrupt_ops": 3}, soft_corrupt=amount, batch_size=128)
+        _, y = next(iter(augment.train_dataset(images, labels, cfg, repeat=False)))
+        y = y.numpy()
+        np.testing.assert_allclose(y.sum(axis=1), 1.0, rtol=1e-5)
+        assert sorted(y.argmax(axis=1)) == sorted(labels)
+        softened = (y.max(axis=1) < 1.0).mean()
+        assert softened == 0.0 if amount == 0 else 0.3 < softened < 0.7
+        assert y.max(axis=1).min() >= 1.0 - amount
+
+
 def test_black_fill_leaves_black_corners_and_mirror_fill_does_not(batch):
     """A zoom-out with black fill shows black borders; the default mirror fill never does."""
     base = {**OFF, "zoom": 1.0}

@@ -577,6 +577,9 @@ FAMILY_FIELDS = {"geometry": ("flip", "rot90", "rotation", "zoom", "shift", "she
                  "colour": ("contrast", "brightness", "saturation", "hue", "randconv", "augmix", "apr", "veil"),
                  "noise": ("noise_std", "patch_gaussian", "apr"), "blur": ("blur", "apr"), "occlusion": ("erase",)}
 RANDAUGMENT_GEOMETRY = ("RandomShear", "RandomTranslation")  # the rest of its transforms change colour
+# Soft Augmentation's k: how fast confidence falls with damage. Liu et al. (CVPR 2023) fit k to human
+# recognition under occlusion; 2 here keeps light damage nearly hard and softens only heavy damage much.
+SOFT_POWER = 2.0
 RANDAUGMENT_STDDEV = 0.15  # keras-cv RandAugment's default magnitude_stddev, which make_randaugment keeps
 
 
@@ -603,8 +606,9 @@ def without_dropped_family(cfg: Config) -> Config:
     return dataclasses.replace(cfg, **{name: off[name] for name in FAMILY_FIELDS.get(cfg.drop_family, ())})
 
 
-def corrupt(images: tf.Tensor, cfg: Config) -> tf.Tensor:
-    """With chance cfg.corrupt, give an image 1 to cfg.corrupt_ops distinct corruptions at random strengths.
+def corrupt_and_damage(images: tf.Tensor, cfg: Config) -> tuple[tf.Tensor, tf.Tensor]:
+    """With chance cfg.corrupt, give an image 1 to cfg.corrupt_ops distinct corruptions at random strengths; also
+    return each image's damage in [0, 1]: 1 - the product of (1 - strength) over its ops (0 = untouched).
 
     The ops mirror the pseudo-private suite's noise, colour, compression and occlusion families, its zoom with
     cfg.corrupt_zoom and its Gaussian blur with cfg.corrupt_blur. Shot noise and motion/defocus blur stay out, and
@@ -617,6 +621,7 @@ def corrupt(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     k = tf.random.uniform([batch], 1, cfg.corrupt_ops + 1, tf.int32)
     scores = tf.random.uniform([batch, n_ops])
     kth = tf.gather(tf.sort(scores, axis=1), k - 1, axis=1, batch_dims=1)  # the k lowest scores pick the ops
+    intact = tf.ones([batch])
     for j, op in enumerate(slots):
         # A dropped family's op keeps its slot and does nothing there, so every other op is picked as often as
         # without the drop: leaving a family out changes only what that family's ops did.
@@ -626,7 +631,22 @@ def corrupt(images: tf.Tensor, cfg: Config) -> tf.Tensor:
         picked = tf.gather_nd(images, rows)
         strength = tf.random.uniform([tf.shape(rows)[0], 1, 1, 1]) * cfg.corrupt_strength
         images = tf.tensor_scatter_nd_update(images, rows, tf.clip_by_value(op(picked, strength), 0.0, 255.0))
-    return images
+        intact = tf.tensor_scatter_nd_update(intact, rows, tf.gather_nd(intact, rows) *
+                                             (1.0 - tf.minimum(strength[:, 0, 0, 0], 1.0)))
+    return images, 1.0 - intact
+
+
+def corrupt(images: tf.Tensor, cfg: Config) -> tf.Tensor:
+    """The corruption stage's images alone (see corrupt_and_damage)."""
+    return corrupt_and_damage(images, cfg)[0]
+
+
+def soften(labels: tf.Tensor, damage: tf.Tensor, amount: float, power: float = SOFT_POWER) -> tf.Tensor:
+    """Soft Augmentation's targets (Liu et al., CVPR 2023): the true class keeps 1 - amount * damage**power of the
+    confidence, the rest is shared evenly by the other classes; labels are one-hot (or already soft) rows."""
+    keep = (1.0 - amount * tf.pow(damage, power))[:, None]
+    spread = (1.0 - keep) / tf.cast(tf.shape(labels)[-1] - 1, labels.dtype)
+    return labels * keep + (1.0 - labels) * spread
 
 
 def mix(images: tf.Tensor, labels: tf.Tensor, cfg: Config) -> tuple[tf.Tensor, tf.Tensor]:
@@ -688,8 +708,9 @@ def make_randaugment(cfg: Config):
         keras.mixed_precision.set_global_policy(policy)
 
 
-def augment_batch(images: tf.Tensor, cfg: Config, randaugment=None) -> tf.Tensor:
-    """All per-image augmentation of one float batch, stage 1 then stage 2 (less cfg.drop_family's)."""
+def augment_and_damage(images: tf.Tensor, cfg: Config, randaugment=None) -> tuple[tf.Tensor, tf.Tensor]:
+    """All per-image augmentation of one float batch, stage 1 then stage 2 (less cfg.drop_family's), and each
+    image's damage from the corruption stage (see corrupt_and_damage; zeros when the stage is off)."""
     cfg = without_dropped_family(cfg)
     images = geometry(images, cfg)
     if randaugment is not None:
@@ -712,8 +733,13 @@ def augment_batch(images: tf.Tensor, cfg: Config, randaugment=None) -> tf.Tensor
     if cfg.apr > 0:
         images = apr(images, cfg)
     if cfg.corrupt > 0:
-        images = corrupt(images, cfg)
-    return images
+        return corrupt_and_damage(images, cfg)
+    return images, tf.zeros(tf.shape(images)[:1])
+
+
+def augment_batch(images: tf.Tensor, cfg: Config, randaugment=None) -> tf.Tensor:
+    """All per-image augmentation of one float batch (see augment_and_damage)."""
+    return augment_and_damage(images, cfg, randaugment)[0]
 
 
 def images_per_step(cfg: Config) -> int:
@@ -744,8 +770,8 @@ def train_dataset(images: np.ndarray, labels: np.ndarray, cfg: Config, sample_we
     def apply(*batch):
         if views == 2:
             batch = tuple(tf.concat([part, part], axis=0) for part in batch)
-        x = augment_batch(tf.cast(batch[0], tf.float32), cfg, randaugment)
-        y = batch[1]
+        x, damage = augment_and_damage(tf.cast(batch[0], tf.float32), cfg, randaugment)
+        y = soften(batch[1], damage, cfg.soft_corrupt) if cfg.soft_corrupt > 0 else batch[1]
         if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
             x, y = mix(x, y, cfg)
         if size is not None:

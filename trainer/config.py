@@ -111,6 +111,11 @@ class Config:
                                  TRANSFORMS, low=0.0, high=2.0, off=0.0, needs="corrupt")
     corrupt_blur: float = option(0.0, "a strong Gaussian blur in the corruption stage: sigma up to this; 0 = off",
                                  TRANSFORMS, low=0.0, high=5.0, off=0.0, needs="corrupt")
+    soft_corrupt: float = option(0.0, "confidence the label of a fully damaged image loses: the true class keeps 1 - "
+                                 "this x damage squared, the other classes share the rest, damage = 1 - the product "
+                                 "of (1 - strength) over the image's corruption-stage ops (Soft Augmentation, Liu et "
+                                 "al., CVPR 2023); 0 = hard labels", TRANSFORMS, low=0.0, high=0.875, off=0.0,
+                                 needs="corrupt")
     pixmix: float = option(0.0, "chance an image is blended with a random structured picture, added or multiplied "
                            "in (after PixMix, Hendrycks et al., CVPR 2022; our pictures are 1/f textures with no "
                            "ramp across the crop, not their fractals); 0 = off", TRANSFORMS, low=0.0, high=1.0,
