@@ -577,8 +577,8 @@ FAMILY_FIELDS = {"geometry": ("flip", "rot90", "rotation", "zoom", "shift", "she
                  "colour": ("contrast", "brightness", "saturation", "hue", "randconv", "augmix", "apr", "veil"),
                  "noise": ("noise_std", "patch_gaussian", "apr"), "blur": ("blur", "apr"), "occlusion": ("erase",)}
 RANDAUGMENT_GEOMETRY = ("RandomShear", "RandomTranslation")  # the rest of its transforms change colour
-# Soft Augmentation's k: how fast confidence falls with damage. Liu et al. (CVPR 2023) fit k to human
-# recognition under occlusion; 2 here keeps light damage nearly hard and softens only heavy damage much.
+# Soft Augmentation's k, the power of the damage in the confidence a label loses: 2 (our choice) keeps lightly
+# damaged images' labels nearly hard and softens only heavy damage much.
 SOFT_POWER = 2.0
 RANDAUGMENT_STDDEV = 0.15  # keras-cv RandAugment's default magnitude_stddev, which make_randaugment keeps
 
