@@ -243,7 +243,7 @@ def test_corruption_stage_hits_the_chosen_share(batch):
     cfg = make_config("cpu", **{**OFF, "corrupt": 0.5, "corrupt_ops": 2})
     tf.random.set_seed(1)
     images = np.concatenate([batch] * 8)
-    out = augment.corrupt(tf.constant(images, tf.float32), cfg).numpy()
+    out = augment.corrupt_and_damage(tf.constant(images, tf.float32), cfg)[0].numpy()
     check_range(out, len(images))
     assert 0.35 < changed_share(images, out) < 0.65
 

@@ -207,7 +207,7 @@ def test_corruption_stage_skips_a_dropped_familys_ops_and_draws_the_others_as_of
     for drop in ("", "noise"):
         picked.clear()
         tf.random.set_seed(3)
-        augment.corrupt(images, dataclasses.replace(cfg, drop_family=drop))
+        augment.corrupt_and_damage(images, dataclasses.replace(cfg, drop_family=drop))
         counts[drop] = dict(picked)
     assert set(counts[""]) - set(counts["noise"]) == {"_gaussian_noise", "_salt_pepper"}
     assert counts["noise"] == {k: v for k, v in counts[""].items() if k in counts["noise"]}

@@ -636,11 +636,6 @@ def corrupt_and_damage(images: tf.Tensor, cfg: Config) -> tuple[tf.Tensor, tf.Te
     return images, 1.0 - intact
 
 
-def corrupt(images: tf.Tensor, cfg: Config) -> tf.Tensor:
-    """The corruption stage's images alone (see corrupt_and_damage)."""
-    return corrupt_and_damage(images, cfg)[0]
-
-
 def soften(labels: tf.Tensor, damage: tf.Tensor, amount: float, power: float = SOFT_POWER) -> tf.Tensor:
     """Soft Augmentation's targets (Liu et al., CVPR 2023): the true class keeps 1 - amount * damage**power of the
     confidence, the rest is shared evenly by the other classes; labels are one-hot (or already soft) rows."""
