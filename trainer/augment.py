@@ -631,14 +631,13 @@ def corrupt_and_damage(images: tf.Tensor, cfg: Config) -> tuple[tf.Tensor, tf.Te
         picked = tf.gather_nd(images, rows)
         strength = tf.random.uniform([tf.shape(rows)[0], 1, 1, 1]) * cfg.corrupt_strength
         images = tf.tensor_scatter_nd_update(images, rows, tf.clip_by_value(op(picked, strength), 0.0, 255.0))
-        intact = tf.tensor_scatter_nd_update(intact, rows, tf.gather_nd(intact, rows) *
-                                             (1.0 - tf.minimum(strength[:, 0, 0, 0], 1.0)))
+        intact *= 1.0 - tf.scatter_nd(rows, tf.minimum(strength[:, 0, 0, 0], 1.0), [batch])
     return images, 1.0 - intact
 
 
 def soften(labels: tf.Tensor, damage: tf.Tensor, amount: float, power: float = SOFT_POWER) -> tf.Tensor:
     """Soft Augmentation's targets (Liu et al., CVPR 2023): the true class keeps 1 - amount * damage**power of the
-    confidence, the rest is shared evenly by the other classes; labels are one-hot (or already soft) rows."""
+    confidence, the rest is shared evenly by the other classes; labels are one-hot rows."""
     keep = (1.0 - amount * tf.pow(damage, power))[:, None]
     spread = (1.0 - keep) / tf.cast(tf.shape(labels)[-1] - 1, labels.dtype)
     return labels * keep + (1.0 - labels) * spread
