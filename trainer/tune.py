@@ -23,6 +23,7 @@ _STEPS = [
     ("+corruptions", dict(corrupt=0.5, corrupt_ops=2, corrupt_strength=1.0)),
     ("+JPEG and strong zoom", dict(corrupt_ops=3, corrupt_jpeg=True, corrupt_zoom=0.6)),
     ("+black borders", dict(black_fill=0.3)),
+    ("+soft labels for damage", dict(soft_corrupt=0.5)),
     ("+wide geometry", dict(zoom=0.6, shear=0.3)),
     ("+mixup/cutmix", dict(mixup_alpha=0.2, cutmix_alpha=1.0)),
 ]
