@@ -266,6 +266,27 @@ def test_damage_is_zero_exactly_where_the_corruption_stage_left_an_image_alone(b
     assert means[0] < means[1]
 
 
+def test_corruption_stage_past_severity_five_stays_valid(batch):
+    """--corrupt-strength 2 (the most the config allows) with every op on runs, keeps pixels in range, and stops
+    the ops that have a natural end there: JPEG at quality 1 rather than an invalid one, lowered contrast and
+    saturation at flat and grey rather than inverted."""
+    images = tf.constant(np.concatenate([batch] * 2), tf.float32)
+    cfg = make_config("cpu", **{**OFF, "corrupt": 1.0, "corrupt_ops": 6}, corrupt_strength=2.0, corrupt_jpeg=True,
+                      corrupt_zoom=0.6, corrupt_blur=2.5)
+    tf.random.set_seed(3)
+    out, damage = augment.corrupt_and_damage(images, cfg)
+    assert np.isfinite(out.numpy()).all() and out.numpy().min() >= 0 and out.numpy().max() <= 255
+    assert np.all((damage.numpy() > 0) & (damage.numpy() <= 1))
+    strong = tf.fill([len(images), 1, 1, 1], 2.0)
+    assert augment._jpeg(images, strong).shape == images.shape
+    centred = images - tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
+    for op in (augment._contrast, augment._saturation):
+        moved = op(images, strong)
+        # Either way (raised or lowered), each image must not be anti-correlated with what it was.
+        along = tf.reduce_sum((moved - tf.reduce_mean(moved, axis=[1, 2, 3], keepdims=True)) * centred, [1, 2, 3])
+        assert np.all(along.numpy() >= -1e-3 * tf.reduce_sum(centred ** 2, [1, 2, 3]).numpy()), op.__name__
+
+
 def test_soften_keeps_undamaged_labels_hard_and_lowers_the_true_class_with_damage():
     onehot = tf.constant(np.eye(8, dtype=np.float32)[[3, 3, 3, 0]])
     soft = augment.soften(onehot, tf.constant([0.0, 0.5, 1.0, 1.0]), amount=0.5).numpy()

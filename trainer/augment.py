@@ -417,7 +417,9 @@ def augmix(images: tf.Tensor, cfg: Config) -> tf.Tensor:
 
 
 # ---- corruption stage: the pseudo-private test's families, at random strengths, inside tf.data ----------
-# Each op takes a float batch and a per-image strength s in [0, 1] (1 = the suite's severity 5).
+# Each op takes a float batch and a per-image strength s >= 0 (1 = the suite's severity 5). --corrupt-strength above
+# 1 draws past severity 5; an op whose setting has a natural end stops there (JPEG quality 1, no contrast or colour
+# left, a full channel swap) rather than turn into another corruption or an invalid setting.
 
 def _gaussian_noise(x, s):
     return x + tf.random.normal(tf.shape(x)) * s * 52.0
@@ -438,7 +440,8 @@ def _brightness(x, s):
 
 
 def _lower_or_raise(x, factor):
-    return tf.where(_sign(x) > 0, factor, 2.0 - factor)
+    # Lowering stops at 0 (flat); below it the image would come back inverted.
+    return tf.where(_sign(x) > 0, tf.maximum(factor, 0.0), 2.0 - factor)
 
 
 def _contrast(x, s):
@@ -469,7 +472,7 @@ CHANNEL_ORDERS = ((0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
 def _channel_swap(x, s):
     orders = tf.gather(tf.constant(CHANNEL_ORDERS), tf.random.uniform([tf.shape(x)[0]], 0, 5, tf.int32))
     swapped = tf.gather(x, orders, axis=3, batch_dims=1)
-    return x + (swapped - x) * s
+    return x + (swapped - x) * tf.minimum(s, 1.0)
 
 
 def _pixelate(x, s):
@@ -516,7 +519,7 @@ def _patches(x, s):
 
 def _jpeg(x, s):
     """JPEG round trip at quality 40 (s=0) down to 7 (s=1, the suite's severity 5), one quality per image."""
-    quality = tf.cast(tf.round(40.0 - 33.0 * s[:, 0, 0, 0]), tf.int32)
+    quality = tf.cast(tf.clip_by_value(tf.round(40.0 - 33.0 * s[:, 0, 0, 0]), 1.0, 100.0), tf.int32)
 
     def each():
         return tf.map_fn(lambda a: tf.image.adjust_jpeg_quality(a[0] / 255.0, a[1]) * 255.0,
