@@ -519,7 +519,7 @@ def _patches(x, s):
 
 def _jpeg(x, s):
     """JPEG round trip at quality 40 (s=0) down to 7 (s=1, the suite's severity 5), one quality per image."""
-    quality = tf.cast(tf.clip_by_value(tf.round(40.0 - 33.0 * s[:, 0, 0, 0]), 1.0, 100.0), tf.int32)
+    quality = tf.cast(tf.maximum(tf.round(40.0 - 33.0 * s[:, 0, 0, 0]), 1.0), tf.int32)  # s >= 0: never above 40
 
     def each():
         return tf.map_fn(lambda a: tf.image.adjust_jpeg_quality(a[0] / 255.0, a[1]) * 255.0,
