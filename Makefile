@@ -39,7 +39,7 @@ $(STAMP): requirements.txt constraints.txt
 	$(PY) -m pip install --no-deps -c constraints.txt medmnistc
 	touch $(STAMP)
 
-train: $(STAMP)  ## clean, split, train, evaluate, export one run (PROFILE=cpu: about 54 min alone)
+train: $(STAMP)  ## clean, split, train, evaluate, export one run (PROFILE=cpu: about 58 min alone)
 	$(PY) -m trainer train --data $(DATA) $(if $(PROFILE),--profile $(PROFILE)) $(if $(NAME),--name $(NAME)) $(ARGS)
 
 augment: $(STAMP)  ## save augmented.png: training samples after augmentation
