@@ -295,7 +295,7 @@ PROFILES: dict[str, dict] = {
     "smoke": dict(model="vanilla_cnn", width=8, dense_units=32, limit=800, epochs=2, batch_size=32,
                   randaugment=False, patience=2, weights="none", robustness_images=64),
     # The best this kit trains from scratch on a 2-core CPU within an hour: a small CNN, as many epochs as fit in
-    # 53 minutes on a cosine schedule that ends when the time does (training ends about a minute past it, and
+    # 53 minutes on a cosine schedule that ends when the time does (training ends up to a minute past it, and
     # evaluation, export and scoring take about 4 more: the run ends within the hour), the augmentation the
     # corrupted copies rewarded, softer labels for the images it damaged, and instance norm in the early layers.
     # The decisions behind each setting: docs/experiments.md.
