@@ -19,8 +19,11 @@ def test_each_step_measures_its_own_peak():
         block = np.ones(300_000_000 // 8)  # 300 MB, touched
         grew = memory.current_gb() - before
         del block
+        released = before + grew - memory.current_gb()
     if grew < 0.25:
         pytest.skip(f"the 300 MB block added only {grew:.2f} GB of resident memory (swapping?)")
+    if released < 0.25:  # the allocator kept the freed pages: the next step's peak rightly includes them
+        pytest.skip(f"freeing the 300 MB block gave back only {released:.2f} GB of resident memory")
     with steps.step("small"):
         np.ones(1000).sum()
     big, small = steps.rows
