@@ -17,9 +17,9 @@ def test_each_step_measures_its_own_peak():
     with steps.step("big", 8):
         before = memory.current_gb()
         block = np.ones(300_000_000 // 8)  # 300 MB, touched
-        grew = memory.current_gb() - before
+        after = memory.current_gb()
         del block
-        released = before + grew - memory.current_gb()
+        grew, released = after - before, after - memory.current_gb()
     if grew < 0.25:
         pytest.skip(f"the 300 MB block added only {grew:.2f} GB of resident memory (swapping?)")
     if released < 0.25:  # the allocator kept the freed pages: the next step's peak rightly includes them
