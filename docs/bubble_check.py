@@ -17,8 +17,8 @@ import argparse
 import numpy as np
 
 from trainer import medmnist_c
-from trainer.config import CLASS_NAMES
 from trainer.evaluate import models_by_views
+from trainer.medmnist_c_eval import turned_into
 
 PLACES = {"anywhere": lambda d: True, "over the cell": lambda d: d <= 20, "background": lambda d: d >= 34}
 
@@ -56,12 +56,11 @@ def main() -> None:
             bubbled = medmnist_c._bubble(images, discs(len(images), images.shape[1], severity, near,
                                                        np.random.default_rng(severity)))
             predicted = model.predict(bubbled)
-            turned = (clean == labels) & (predicted != labels)
-            pairs, counts = np.unique(np.stack([labels[turned], predicted[turned]], 1), axis=0, return_counts=True)
-            top = ", ".join(f"{CLASS_NAMES[t]} -> {CLASS_NAMES[p]} {c}"
-                            for (t, p), c in sorted(zip(pairs.tolist(), counts), key=lambda pc: -pc[1])[:2])
+            newly_wrong = int(((clean == labels) & (predicted != labels)).sum())
+            top = ", ".join(f"{pair['from']} -> {pair['to']} {pair['images']}"
+                            for pair in turned_into(labels, clean, predicted, top=2))
             print(f"  severity {severity}  {place:14s} accuracy {np.mean(predicted == labels):.3f}  "
-                  f"newly wrong {int(turned.sum()):4d}  ({top})")
+                  f"newly wrong {newly_wrong:4d}  ({top})")
 
 
 if __name__ == "__main__":
