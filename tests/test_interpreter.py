@@ -124,6 +124,24 @@ def test_squeeze_excite_graph_matches_onnxruntime(real_slice):
     assert_interpreter_matches(onnx_model, real_slice[0][:6].astype(np.float32), model)
 
 
+def test_residual_graph_matches_onnxruntime(real_slice):
+    """--residual: each block's input added to its output, through a 1x1 projection where the width doubles."""
+    from trainer.config import make_config
+    from trainer.export import to_onnx
+    from trainer.models import build_model
+    cfg = dict(width=8, dense_units=16, instance_norm=True, seed=7)
+    plain, _ = to_onnx(build_model(make_config("smoke", **cfg)))
+    model = build_model(make_config("smoke", residual=True, **cfg))
+    onnx_model, _ = to_onnx(model)
+    def adds(m):
+        return sum(n.op_type == "Add" for n in m.graph.node)
+    assert adds(onnx_model) - adds(plain) == 4
+    kernels = [list(a.ints) for n in onnx_model.graph.node if n.op_type == "Conv" for a in n.attribute
+               if a.name == "kernel_shape"]
+    assert kernels.count([1, 1]) == 3
+    assert_interpreter_matches(onnx_model, real_slice[0][:6].astype(np.float32), model)
+
+
 def many_ops_model(weights_dtype=np.float32) -> bytes:
     """A small NCHW network through the ops the registry's other models use, with odd pads, strides and groups."""
     rng = np.random.default_rng(0)

@@ -54,6 +54,21 @@ def test_stem_kernel_sets_the_strided_stem_convolution_only():
     assert seven.count_params() - three.count_params() == (49 - 9) * 3 * 32
 
 
+def test_residual_adds_each_blocks_input_to_its_output():
+    plain = build_model(make_config("cpu"))
+    res = build_model(make_config("cpu", residual=True))
+    adds = [layer for layer in res.layers if isinstance(layer, keras.layers.Add)]
+    assert len(adds) == 4 and not any(isinstance(layer, keras.layers.Add) for layer in plain.layers)
+    # The first block keeps the stem's 32 channels: the stem's ReLU output goes straight into its sum. The other
+    # three double the channels: a 1x1 convolution and a BatchNorm (4 numbers a channel) bring the input along.
+    assert type(adds[0].input[1]._keras_history.operation) is keras.layers.Activation
+    projections = [layer for layer in res.layers if isinstance(layer, keras.layers.Conv2D)
+                   and layer.kernel_size == (1, 1)]
+    assert [layer.filters for layer in projections] == [64, 128, 256]
+    assert res.count_params() - plain.count_params() == sum(c // 2 * c + 4 * c for c in (64, 128, 256))
+    assert res.output_shape == plain.output_shape == (None, 8)
+
+
 def test_squeeze_excite_gates_each_block_channel_by_channel():
     plain = build_model(make_config("cpu"))
     gated = build_model(make_config("cpu", squeeze_excite=8))

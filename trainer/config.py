@@ -183,6 +183,9 @@ class Config:
                                  "layers, scale its channels (in model.onnx too), so a block can damp the "
                                  "channels an artefact excites; the value is the reduction ratio (8 = a block "
                                  "of 64 channels squeezes to 8); 0 = off", MODEL, low=0, high=64)
+    residual: bool = option(False, "vanilla_cnn: each of the four blocks adds its input to its output before the "
+                            "last ReLU (He et al., CVPR 2016), through a 1x1 convolution and BatchNorm where the "
+                            "block doubles the channels; about 3 percent more multiply-adds", MODEL)
     feature_jitter: float = option(0.0, "vanilla_cnn, training only: share of the images whose per-channel "
                                    "feature means and spreads move at random, after the stem and the first "
                                    "three blocks (DSU, Li et al., ICLR 2022); 0 = off", MODEL, low=0.0, high=1.0)

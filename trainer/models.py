@@ -240,7 +240,7 @@ def vanilla_cnn(x, cfg: Config):
         return layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False,
                              kernel_regularizer=reg)(x)
 
-    def conv_bn(x, filters, strides=1, per_image=False, kernel=3):
+    def conv_bn(x, filters, strides=1, per_image=False, kernel=3, relu=True):
         if per_image:
             # IBN-a: some channels per image (half in the paper), the rest per batch. Two convolutions compute
             # what one would; slicing one convolution's output instead made a training step 1.4x as long.
@@ -249,11 +249,17 @@ def vanilla_cnn(x, cfg: Config):
             if channels < filters:
                 per_batch = layers.BatchNormalization(momentum=0.9)(conv(x, filters - channels, strides, kernel))
                 out = layers.Concatenate()([out, per_batch])
-            return layers.Activation("relu")(out)
+            return layers.Activation("relu")(out) if relu else out
         x = conv(x, filters, strides, kernel)
         # momentum 0.9: the moving statistics catch up within an epoch, so inference mode matches training mode
         x = layers.BatchNormalization(momentum=0.9)(x)
-        return layers.Activation("relu")(x)
+        return layers.Activation("relu")(x) if relu else x
+
+    def shortcut(x, filters):
+        if x.shape[-1] == filters:
+            return x
+        x = layers.Conv2D(filters, 1, use_bias=False, kernel_regularizer=reg)(x)
+        return layers.BatchNormalization(momentum=0.9)(x)
 
     x = Preprocess(spec_of("vanilla_cnn").preprocess, name="preprocess")(x)
     if cfg.local_contrast > 0:
@@ -266,8 +272,12 @@ def vanilla_cnn(x, cfg: Config):
         x = FeatureJitter(cfg.feature_jitter)(x)
     for i, mult in enumerate((1, 2, 4, 8)):
         # The 48x48 block costs the most per image: one of its two convolutions is the cheap thing to drop.
-        for _ in range(cfg.first_block_convs if i == 0 else 2):
-            x = conv_bn(x, cfg.width * mult, per_image=cfg.instance_norm and i < 3)
+        convs, block_in = cfg.first_block_convs if i == 0 else 2, x
+        for j in range(convs):
+            x = conv_bn(x, cfg.width * mult, per_image=cfg.instance_norm and i < 3,
+                        relu=not (cfg.residual and j == convs - 1))
+        if cfg.residual:
+            x = layers.Activation("relu")(layers.Add()([x, shortcut(block_in, cfg.width * mult)]))
         if cfg.squeeze_excite:
             x = squeeze_excite(x, cfg.squeeze_excite, name=f"se{i}")
         if i < 3 and cfg.blur_pool:

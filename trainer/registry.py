@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Config fields that only some models read; validate() warns when a user sets one the model ignores.
-VANILLA_OPTIONS = ("width", "first_block_convs", "stem_kernel", "blur_pool", "squeeze_excite", "feature_jitter",
-                   "instance_norm", "instance_norm_stem", "instance_norm_share", "local_contrast",
+VANILLA_OPTIONS = ("width", "first_block_convs", "stem_kernel", "blur_pool", "squeeze_excite", "residual",
+                   "feature_jitter", "instance_norm", "instance_norm_stem", "instance_norm_share", "local_contrast",
                    "local_contrast_floor", "low_res_size")
 PRETRAINED_OPTIONS = ("weights", "freeze_backbone")
 FINE_TUNE_OPTIONS = ("fine_tune_epochs", "fine_tune_layers", "fine_tune_lr")
