@@ -256,10 +256,7 @@ def vanilla_cnn(x, cfg: Config):
         return layers.Activation("relu")(x) if relu else x
 
     def shortcut(x, filters):
-        if x.shape[-1] == filters:
-            return x
-        x = layers.Conv2D(filters, 1, use_bias=False, kernel_regularizer=reg)(x)
-        return layers.BatchNormalization(momentum=0.9)(x)
+        return x if x.shape[-1] == filters else conv_bn(x, filters, kernel=1, relu=False)
 
     x = Preprocess(spec_of("vanilla_cnn").preprocess, name="preprocess")(x)
     if cfg.local_contrast > 0:
