@@ -238,6 +238,23 @@ def test_ops_with_an_empty_pick_pass_through_the_pipeline(real_slice, switch):
         check_range(x.numpy(), 4)
 
 
+@pytest.mark.parametrize("weight", [1.0, 3.0])
+def test_jpeg_weight_sets_how_often_the_draw_picks_jpeg(weight):
+    """--corrupt-jpeg-weight w: with one op per image, JPEG's share of the picks is w / (w + the other ops); each
+    image still gets exactly one op, and a weight of 1 draws every op equally often."""
+    cfg = make_config("cpu", **{**OFF, "corrupt": 1.0, "corrupt_ops": 1}, corrupt_jpeg=True, corrupt_blur=2.5,
+                      corrupt_zoom=0.6, corrupt_jpeg_weight=weight)
+    slots = [augment.op_name(op) for op in augment.corruption_ops(cfg)]
+    tf.random.set_seed(4)
+    picks = augment.draw_ops(20000, cfg).numpy()
+    np.testing.assert_array_equal(picks.sum(axis=1), 1)
+    share = picks.mean(axis=0)
+    jpeg = slots.index("_jpeg")
+    assert abs(share[jpeg] - weight / (weight + len(slots) - 1)) < 0.01
+    others = np.delete(share, jpeg)
+    assert others.max() - others.min() < 0.02
+
+
 def test_corruption_stage_hits_the_chosen_share(batch):
     """corrupt=0.5 changes about half the images and leaves the rest bit-for-bit alone."""
     cfg = make_config("cpu", **{**OFF, "corrupt": 0.5, "corrupt_ops": 2})

@@ -597,6 +597,11 @@ def _corruption_slots(cfg: Config) -> tuple:
     return CORRUPTION_OPS + ((_jpeg,) if cfg.corrupt_jpeg else ()) + zoom + strong_blur
 
 
+def _slot_weights(cfg: Config) -> list[float]:
+    """How strongly the draw favours each slot of _corruption_slots: 1 for every op but JPEG's weight."""
+    return [cfg.corrupt_jpeg_weight if op_name(op) == "_jpeg" else 1.0 for op in _corruption_slots(cfg)]
+
+
 def corruption_ops(cfg: Config) -> tuple:
     """The corruption-stage ops an image can get: those the config switches on, less cfg.drop_family's."""
     return tuple(op for op in _corruption_slots(cfg) if OP_FAMILY[op_name(op)] != cfg.drop_family)
@@ -609,6 +614,21 @@ def without_dropped_family(cfg: Config) -> Config:
     return dataclasses.replace(cfg, **{name: off[name] for name in FAMILY_FIELDS.get(cfg.drop_family, ())})
 
 
+def draw_ops(batch: tf.Tensor, cfg: Config) -> tf.Tensor:
+    """(batch, slots) bool: the corruption-stage ops each image gets, slots as in _corruption_slots. With chance
+    cfg.corrupt an image gets 1 to cfg.corrupt_ops distinct ones, JPEG weighted by cfg.corrupt_jpeg_weight."""
+    weights = _slot_weights(cfg)
+    chosen = tf.random.uniform([batch]) < cfg.corrupt
+    k = tf.random.uniform([batch], 1, cfg.corrupt_ops + 1, tf.int32)
+    scores = tf.random.uniform([batch, len(weights)])
+    if any(w != 1.0 for w in weights):
+        # Weighted draw without replacement (Efraimidis and Spirakis, 2006): the k highest (1 - u)**(1/w) win,
+        # so the k lowest 1 - (1 - u)**(1/w); a weight of 1 leaves a score as it was.
+        scores = 1.0 - tf.pow(1.0 - scores, 1.0 / tf.constant(weights, tf.float32))
+    kth = tf.gather(tf.sort(scores, axis=1), k - 1, axis=1, batch_dims=1)  # the k lowest scores pick the ops
+    return chosen[:, None] & (scores <= kth[:, None])
+
+
 def corrupt_and_damage(images: tf.Tensor, cfg: Config) -> tuple[tf.Tensor, tf.Tensor]:
     """With chance cfg.corrupt, give an image 1 to cfg.corrupt_ops distinct corruptions at random strengths; also
     return each image's damage in [0, 1]: 1 - the product of (1 - strength) over its ops (0 = untouched).
@@ -617,20 +637,15 @@ def corrupt_and_damage(images: tf.Tensor, cfg: Config) -> tuple[tf.Tensor, tf.Te
     cfg.corrupt_zoom and its Gaussian blur with cfg.corrupt_blur. Shot noise and motion/defocus blur stay out, and
     JPEG too unless cfg.corrupt_jpeg, so the suite also measures corruptions the model never trained on.
     """
-    slots = _corruption_slots(cfg)
     batch = tf.shape(images)[0]
-    n_ops = len(slots)
-    chosen = tf.random.uniform([batch]) < cfg.corrupt
-    k = tf.random.uniform([batch], 1, cfg.corrupt_ops + 1, tf.int32)
-    scores = tf.random.uniform([batch, n_ops])
-    kth = tf.gather(tf.sort(scores, axis=1), k - 1, axis=1, batch_dims=1)  # the k lowest scores pick the ops
+    picks = draw_ops(batch, cfg)
     intact = tf.ones([batch])
-    for j, op in enumerate(slots):
+    for j, op in enumerate(_corruption_slots(cfg)):
         # A dropped family's op keeps its slot and does nothing there, so every other op is picked as often as
         # without the drop: leaving a family out changes only what that family's ops did.
         if OP_FAMILY[op_name(op)] == cfg.drop_family:
             continue
-        rows = tf.where(chosen & (scores[:, j] <= kth))  # (m, 1): only these images pay for the op
+        rows = tf.where(picks[:, j])  # (m, 1): only these images pay for the op
         picked = tf.gather_nd(images, rows)
         strength = tf.random.uniform([tf.shape(rows)[0], 1, 1, 1]) * cfg.corrupt_strength
         images = tf.tensor_scatter_nd_update(images, rows, tf.clip_by_value(op(picked, strength), 0.0, 255.0))

@@ -107,6 +107,9 @@ class Config:
                                      low=0.0, high=2.0, off=0.0, needs="corrupt")
     corrupt_jpeg: bool = option(False, "JPEG artefacts in the corruption stage too", TRANSFORMS, off=False,
                                 needs="corrupt")
+    corrupt_jpeg_weight: float = option(1.0, "how often the corruption stage's draw picks JPEG against any other "
+                                        "op: 3 = about three times as often; 1 = as often", TRANSFORMS, low=0.1,
+                                        high=10.0, off=1.0, needs="corrupt_jpeg")
     corrupt_zoom: float = option(0.0, "a strong zoom in the corruption stage: up to 1 + this in or out; 0 = off",
                                  TRANSFORMS, low=0.0, high=2.0, off=0.0, needs="corrupt")
     corrupt_blur: float = option(0.0, "a strong Gaussian blur in the corruption stage: sigma up to this; 0 = off",
