@@ -17,17 +17,18 @@ import io
 import numpy as np
 from PIL import Image
 
+from trainer import medmnist_c
 from trainer.evaluate import models_by_views
 
-QUALITIES = (30, 15, 7)
+SEVERITIES = (2, 3, 5)  # MedMNIST-C's JPEG at qualities 30, 15 and 7
 
 
-def pillow_jpeg(images: np.ndarray, quality: int, subsampling: int = 2) -> np.ndarray:
-    """Each image saved as JPEG and read back; subsampling 2 = 4:2:0 (Pillow's default), 0 = 4:4:4."""
+def full_chroma_jpeg(images: np.ndarray, quality: int) -> np.ndarray:
+    """As medmnist_c.jpeg_compression, but saved at 4:4:4: the colour kept at full resolution."""
     out = np.empty_like(images)
     for i, image in enumerate(images):
         buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="JPEG", quality=quality, subsampling=subsampling)
+        Image.fromarray(image).save(buffer, format="JPEG", quality=quality, subsampling=0)
         out[i] = np.asarray(Image.open(buffer).convert("RGB"))
     return out
 
@@ -66,9 +67,10 @@ def main() -> None:
           f"YCbCr round trip {accuracy(round_trip)}")
     print("| quality | 4:2:0 (Pillow) | 4:4:4 (Pillow) | luma only | chroma only | training op (TensorFlow) |")
     print("|---:|---:|---:|---:|---:|---:|")
-    for quality in QUALITIES:
-        damaged = pillow_jpeg(images, quality)
-        row = [accuracy(damaged), accuracy(pillow_jpeg(images, quality, 0)),
+    for severity in SEVERITIES:
+        quality = medmnist_c.JPEG_QUALITY[severity - 1]
+        damaged = medmnist_c.jpeg_compression(images, severity, None)
+        row = [accuracy(damaged), accuracy(full_chroma_jpeg(images, quality)),
                accuracy(keep_part(images, damaged, "luma")), accuracy(keep_part(images, damaged, "chroma")),
                accuracy(tensorflow_jpeg(images, quality))]
         print(f"| {quality} | " + " | ".join(row) + " |")
