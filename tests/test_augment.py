@@ -238,20 +238,21 @@ def test_ops_with_an_empty_pick_pass_through_the_pipeline(real_slice, switch):
         check_range(x.numpy(), 4)
 
 
-@pytest.mark.parametrize("weight", [1.0, 3.0])
-def test_jpeg_weight_sets_how_often_the_draw_picks_jpeg(weight):
-    """--corrupt-jpeg-weight w: with one op per image, JPEG's share of the picks is w / (w + the other ops); each
-    image still gets exactly one op, and a weight of 1 draws every op equally often."""
+@pytest.mark.parametrize("slot,weight", [("_jpeg", 1.0), ("_jpeg", 3.0), ("_blur", 3.0)])
+def test_op_weight_sets_how_often_the_draw_picks_that_op(slot, weight):
+    """--corrupt-jpeg-weight w (or --corrupt-blur-weight w): with one op per image, that op's share of the picks is
+    w / (w + the other ops); each image still gets exactly one op, and every other op is drawn equally often."""
+    field = {"_jpeg": "corrupt_jpeg_weight", "_blur": "corrupt_blur_weight"}[slot]
     cfg = make_config("cpu", **{**OFF, "corrupt": 1.0, "corrupt_ops": 1}, corrupt_jpeg=True, corrupt_blur=2.5,
-                      corrupt_zoom=0.6, corrupt_jpeg_weight=weight)
+                      corrupt_zoom=0.6, **{field: weight})
     slots = [augment.op_name(op) for op in augment.corruption_ops(cfg)]
     tf.random.set_seed(4)
     picks = augment.draw_ops(20000, cfg).numpy()
     np.testing.assert_array_equal(picks.sum(axis=1), 1)
     share = picks.mean(axis=0)
-    jpeg = slots.index("_jpeg")
-    assert abs(share[jpeg] - weight / (weight + len(slots) - 1)) < 0.01
-    others = np.delete(share, jpeg)
+    weighted = slots.index(slot)
+    assert abs(share[weighted] - weight / (weight + len(slots) - 1)) < 0.01
+    others = np.delete(share, weighted)
     assert others.max() - others.min() < 0.02
 
 

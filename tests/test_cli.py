@@ -128,7 +128,8 @@ SWITCHES = {"erase": ({"erase": 0.5}, {"erase": 0.0}), "corrupt": ({"corrupt": 0
             "fine_tune_epochs": ({"fine_tune_epochs": 5}, {"fine_tune_epochs": 0}),
             "swa": ({"swa": 0.25}, {"swa": 0.0}), "low_res_size": ({"low_res_size": 64}, {"low_res_size": 0}),
             "local_contrast": ({"local_contrast": 4.0}, {"local_contrast": 0.0}),
-            "corrupt_jpeg": ({"corrupt_jpeg": True}, {"corrupt_jpeg": False})}
+            "corrupt_jpeg": ({"corrupt_jpeg": True}, {"corrupt_jpeg": False}),
+            "corrupt_blur": ({"corrupt_blur": 2.5}, {"corrupt_blur": 0.0})}
 
 
 def test_every_dependent_setting_warns_exactly_when_its_switch_is_off():

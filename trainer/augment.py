@@ -598,8 +598,9 @@ def _corruption_slots(cfg: Config) -> tuple:
 
 
 def _slot_weights(cfg: Config) -> list[float]:
-    """How strongly the draw favours each slot of _corruption_slots: 1 for every op but JPEG's weight."""
-    return [cfg.corrupt_jpeg_weight if op_name(op) == "_jpeg" else 1.0 for op in _corruption_slots(cfg)]
+    """How strongly the draw favours each slot of _corruption_slots: JPEG's and the strong blur's weights, 1 else."""
+    weights = {"_jpeg": cfg.corrupt_jpeg_weight, "_blur": cfg.corrupt_blur_weight}
+    return [weights.get(op_name(op), 1.0) for op in _corruption_slots(cfg)]
 
 
 def corruption_ops(cfg: Config) -> tuple:
@@ -616,7 +617,7 @@ def without_dropped_family(cfg: Config) -> Config:
 
 def draw_ops(batch: tf.Tensor, cfg: Config) -> tf.Tensor:
     """(batch, slots) bool: the corruption-stage ops each image gets, slots as in _corruption_slots. With chance
-    cfg.corrupt an image gets 1 to cfg.corrupt_ops distinct ones, JPEG weighted by cfg.corrupt_jpeg_weight."""
+    cfg.corrupt an image gets 1 to cfg.corrupt_ops distinct ones, weighted as _slot_weights says."""
     weights = _slot_weights(cfg)
     chosen = tf.random.uniform([batch]) < cfg.corrupt
     k = tf.random.uniform([batch], 1, cfg.corrupt_ops + 1, tf.int32)

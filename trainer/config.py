@@ -114,6 +114,9 @@ class Config:
                                  TRANSFORMS, low=0.0, high=2.0, off=0.0, needs="corrupt")
     corrupt_blur: float = option(0.0, "a strong Gaussian blur in the corruption stage: sigma up to this; 0 = off",
                                  TRANSFORMS, low=0.0, high=5.0, off=0.0, needs="corrupt")
+    corrupt_blur_weight: float = option(1.0, "how often the corruption stage's draw picks the strong blur against "
+                                        "any other op: 3 = about three times as often; 1 = as often", TRANSFORMS,
+                                        low=0.1, high=10.0, off=1.0, needs="corrupt_blur")
     soft_corrupt: float = option(0.0, "confidence the label of a fully damaged image loses: the true class keeps 1 - "
                                  "this x damage squared, the other classes share the rest, damage = 1 - the product "
                                  "of (1 - strength) over the image's corruption-stage ops (Soft Augmentation, Liu et "
