@@ -157,7 +157,7 @@ def test_missing_or_broken_inks_say_how_to_get_them(tmp_path, monkeypatch, cells
 def test_seen_follows_the_declared_split():
     """Seen: training draws the same operation. The rule reads heldout.SEEN_IN_TRAINING, so moving a kind across
     the declared split moves it here too."""
-    assert medmnist_c.UNSEEN == ("defocus_blur", "motion_blur", "bubble")
+    assert medmnist_c.UNSEEN == ("defocus_blur", "motion_blur")
     for kind in medmnist_c.KINDS:
         suite = medmnist_c.SUITE_KIND[kind]
         if medmnist_c.SPLIT[kind] == "seen":
@@ -169,24 +169,29 @@ def test_seen_follows_the_declared_split():
     # Stain deposit counts as seen only because erasing can draw ragged blots: without that shape it is unseen.
     shapes = {f.name: f for f in dataclasses.fields(Config)}["erase_shape"].metadata["choices"]
     assert medmnist_c.SPLIT["stain_deposit"] == "seen" and "blot" in shapes
-    # Bubble's translucent blend is what --veil draws: unseen while no profile trains with it, seen once one does.
-    assert medmnist_c.SPLIT["bubble"] == "unseen" and "veil" in {f.name for f in dataclasses.fields(Config)}
+    # Bubble's translucent blend is what --veil draws: seen since the cpu profile trains with it, unseen for
+    # profiles that all leave it off.
     from trainer.config import PROFILES
-    adopted = {**PROFILES, "cpu": {**PROFILES["cpu"], "veil": 0.5}}
-    assert medmnist_c.split_of("bubble", adopted) == "seen" and medmnist_c.split_of("defocus_blur", adopted) == "unseen"
+    assert medmnist_c.SPLIT["bubble"] == "seen" and PROFILES["cpu"]["veil"] > 0
+    bare = {name: {**settings, "veil": 0.0} for name, settings in PROFILES.items()}
+    assert medmnist_c.split_of("bubble", bare) == "unseen" and medmnist_c.split_of("defocus_blur", bare) == "unseen"
 
 
-def test_a_run_trained_with_the_nearest_option_counts_that_kind_seen():
-    """split_for reads one run's settings: --veil on moves bubble to seen for that run only, off changes nothing,
-    and no setting moves a kind the kit counts as seen back to unseen."""
+def test_a_run_trained_with_the_nearest_option_counts_that_kind_seen(monkeypatch):
+    """split_for reads one run's settings beside the profiles: with no profile on --veil, a run made with it counts
+    bubble seen for that run only, off changes nothing, and no setting moves a kind the kit counts as seen back to
+    unseen."""
+    from trainer.config import PROFILES
     assert medmnist_c.split_for(None) == medmnist_c.SPLIT
     assert medmnist_c.split_for(make_config("cpu").to_dict()) == medmnist_c.SPLIT
+    monkeypatch.setattr(medmnist_c, "PROFILES", {name: {**s, "veil": 0.0} for name, s in PROFILES.items()})
+    kit = medmnist_c.split_for(None)
+    assert kit["bubble"] == "unseen" and medmnist_c.split_for(make_config("cpu", veil=0.0).to_dict()) == kit
     veiled = medmnist_c.split_for(make_config("cpu", veil=0.5).to_dict())
-    assert veiled["bubble"] == "seen" and medmnist_c.SPLIT["bubble"] == "unseen"
-    assert {k: v for k, v in veiled.items() if k != "bubble"} == {k: v for k, v in medmnist_c.SPLIT.items()
-                                                                  if k != "bubble"}
+    assert veiled["bubble"] == "seen"
+    assert {k: v for k, v in veiled.items() if k != "bubble"} == {k: v for k, v in kit.items() if k != "bubble"}
     bare = medmnist_c.split_for({name: 0 for name in make_config("cpu").to_dict()})
-    assert all(bare[kind] == "seen" for kind in medmnist_c.KINDS if medmnist_c.SPLIT[kind] == "seen")
+    assert all(bare[kind] == "seen" for kind in medmnist_c.KINDS if kit[kind] == "seen")
 
 
 def test_training_never_reaches_medmnist_c():

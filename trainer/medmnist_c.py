@@ -58,8 +58,8 @@ SUITE_KIND = {"pixelate": "pixelate", "jpeg_compression": "jpeg", "defocus_blur"
               "contrast_up": "contrast", "contrast_down": "contrast", "saturate": "saturation",
               "stain_deposit": "patches", "bubble": None}
 # Bubble's operation, a translucent light blend over part of the cell, is what --veil draws, without the discs'
-# outline and ring. No profile trains with --veil, so bubble stays unseen for the profiles' runs; a run made with
-# the flag counts it seen in its own figures (split_for), and once a profile adopts the flag it is seen for all.
+# outline and ring. A kind an option reaches is seen for the kit once a profile turns the option on (the cpu
+# profile trains with --veil), and for one run when that run did (split_for).
 NEAREST_OPTION = {"bubble": "veil"}
 
 
