@@ -230,17 +230,17 @@ def test_runs_sort_and_markdown(runs_dir):
 def test_notes_give_the_flags_that_set_a_run_apart_from_its_profile():
     def notes(**overrides):
         return runs.notes(dataclasses.asdict(make_config("cpu", **overrides)), {"test": {}})
-    assert notes(seed=7, epochs=30, time_budget_min=0.0) == "erase 0.5", "how long a run trains is not named"
-    assert notes(weight_decay=0.05, label_smoothing=0.0).split(", ") == ["erase 0.5", "--weight-decay 0.05",
+    assert notes(seed=7, epochs=30, time_budget_min=0.0) == "erase 1", "how long a run trains is not named"
+    assert notes(weight_decay=0.05, label_smoothing=0.0).split(", ") == ["erase 1", "--weight-decay 0.05",
                                                                        "--label-smoothing 0"]
-    text = notes(corrupt_blur=3.0, corrupt_jpeg=False, erase_fill="extremes", erase=0.3, blur_pool=True, width=48)
-    assert text.split(", ") == ["erase 0.3", "--erase-fill extremes", "--corrupt-jpeg false", "--corrupt-blur 3",
+    text = notes(corrupt_blur=2.0, corrupt_jpeg=False, erase_fill="random", erase=0.3, blur_pool=True, width=48)
+    assert text.split(", ") == ["erase 0.3", "--erase-fill random", "--corrupt-jpeg false", "--corrupt-blur 2",
                                 "--width 48", "--blur-pool true"]
-    assert notes(model="resnet50", weights="imagenet") == "erase 0.5", "the model column names these"
-    assert notes(schedule="cosine", swa=0.25) == "erase 0.5, swa 0.25 at 0.1x lr"
+    assert notes(model="resnet50", weights="imagenet") == "erase 1", "the model column names these"
+    assert notes(schedule="cosine", swa=0.25) == "erase 1, swa 0.25 at 0.1x lr"
     # A profile that no longer exists has nothing to differ from.
-    retired = {**dataclasses.asdict(make_config("cpu", corrupt_blur=3.0)), "profile": "retired"}
-    assert runs.profile_changes(retired) == [] and runs.notes(retired, {"test": {}}) == "erase 0.5"
+    retired = {**dataclasses.asdict(make_config("cpu", corrupt_blur=2.0)), "profile": "retired"}
+    assert runs.profile_changes(retired) == [] and runs.notes(retired, {"test": {}}) == "erase 1"
 
 
 def test_runs_table_piped_into_head_ends_quietly(tmp_path):
