@@ -4,7 +4,8 @@ Not part of the kit: a probe behind a note in docs/experiments.md. Under defocus
 are basophils read as immature granulocytes, the rarer class lost to a commoner one; if the model's prior is what
 tips a blurred cell, dividing each class's probability by its share of the cells (raised to tau: 0 = the model's
 own decision, 1 = fully balanced) should win those cells back. It scores the run's Keras model (1 view) on its
-test cells clean and on MedMNIST-C's copies of 500 of them (the cells and seed the run's own figure used):
+test cells clean and on MedMNIST-C's copies of its robustness_images of them (500 in the cpu profile: the cells
+and seed the run's own figure used):
 
     PYTHONPATH=. .venv/bin/python docs/prior_check.py runs/<name> [--taus 0,0.5,1]
 """
@@ -30,12 +31,13 @@ def main() -> None:
     args = parser.parse_args()
     import keras
 
-    seed = json.load(open(os.path.join(args.run, "config.json")))["seed"]
+    config = json.load(open(os.path.join(args.run, "config.json")))
+    seed = config["seed"]
     held = np.load(os.path.join(args.run, "holdout.npz"))
     images, labels = held["images"], held["labels"]
     model = keras.models.load_model(os.path.join(args.run, "model.keras"), compile=False)
     share = np.bincount(labels, minlength=NUM_CLASSES) / len(labels)  # the split is stratified: training's shares
-    pick = medmnist_c_eval._pick(len(images), seed, 500)
+    pick = medmnist_c_eval._pick(len(images), seed, config["robustness_images"])
     cells, truth = images[pick], labels[pick]
     copies = [(kind, copy, severities) for kind, copy, severities in medmnist_c_eval.corrupted(cells, seed)
               if copy is not None]
