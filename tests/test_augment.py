@@ -288,6 +288,37 @@ def test_damage_is_zero_exactly_where_the_corruption_stage_left_an_image_alone(b
     assert means[0] < means[1]
 
 
+def test_soft_spare_takes_the_spared_family_out_of_the_damage_and_nothing_else(batch):
+    """--soft-spare blur: the same draws damage the same pixels, but the strong blur's strength no longer counts,
+    so a cell the stage only blurred keeps a hard label and one blurred among other ops loses only the blur's
+    share; images the blur never touched keep their damage."""
+    images = tf.constant(np.concatenate([batch] * 8), tf.float32)
+    stage = {**OFF, "corrupt": 1.0, "corrupt_ops": 2, "corrupt_blur": 3.0, "corrupt_blur_weight": 3.0}
+    runs = []
+    for spare in ("", "blur"):
+        tf.random.set_seed(5)
+        cfg = make_config("cpu", **stage, soft_spare=spare)
+        runs.append([t.numpy() for t in augment.corrupt_and_damage(images, cfg)])
+    (out, damage), (out_spared, damage_spared) = runs
+    np.testing.assert_array_equal(out, out_spared)
+    assert np.all(damage_spared <= damage + 1e-7)
+    only_blur = (damage_spared == 0) & (damage > 0)
+    lowered = (damage_spared > 0) & (damage_spared < damage - 1e-6)
+    assert only_blur.sum() >= 3 and lowered.sum() >= 3, (only_blur.sum(), lowered.sum())
+    assert np.abs(out[only_blur] - images.numpy()[only_blur]).max() > 1.0  # the spared cells were blurred all the same
+    assert (damage_spared == damage).mean() > 0.3
+
+
+def test_soft_spare_offers_exactly_the_families_the_corruption_stage_has():
+    """A family with no corruption-stage op would make --soft-spare a silent no-op."""
+    from trainer.config import STAGE_FAMILIES, validate
+    assert set(STAGE_FAMILIES) == set(augment.OP_FAMILY.values())
+    for value in ("", *STAGE_FAMILIES):
+        validate(make_config("cpu", soft_spare=value))
+    with pytest.raises(ValueError, match="--soft-spare is 'microscopy'; choose one of noise, blur"):
+        validate(make_config("cpu", soft_spare="microscopy"))
+
+
 def test_corruption_stage_past_severity_five_stays_valid(batch):
     """--corrupt-strength 2 (the most the config allows) with every op on runs, keeps pixels in range, and stops
     the ops that have a natural end there: JPEG at quality 1 rather than an invalid one, lowered contrast and

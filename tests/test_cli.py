@@ -129,7 +129,8 @@ SWITCHES = {"erase": ({"erase": 0.5}, {"erase": 0.0}), "corrupt": ({"corrupt": 0
             "swa": ({"swa": 0.25}, {"swa": 0.0}), "low_res_size": ({"low_res_size": 64}, {"low_res_size": 0}),
             "local_contrast": ({"local_contrast": 4.0}, {"local_contrast": 0.0}),
             "corrupt_jpeg": ({"corrupt_jpeg": True}, {"corrupt_jpeg": False}),
-            "corrupt_blur": ({"corrupt_blur": 2.5}, {"corrupt_blur": 0.0})}
+            "corrupt_blur": ({"corrupt_blur": 2.5}, {"corrupt_blur": 0.0}),
+            "soft_corrupt": ({"soft_corrupt": 0.5}, {"soft_corrupt": 0.0})}
 
 
 def test_every_dependent_setting_warns_exactly_when_its_switch_is_off():

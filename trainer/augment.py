@@ -632,7 +632,8 @@ def draw_ops(batch: tf.Tensor, cfg: Config) -> tf.Tensor:
 
 def corrupt_and_damage(images: tf.Tensor, cfg: Config) -> tuple[tf.Tensor, tf.Tensor]:
     """With chance cfg.corrupt, give an image 1 to cfg.corrupt_ops distinct corruptions at random strengths; also
-    return each image's damage in [0, 1]: 1 - the product of (1 - strength) over its ops (0 = untouched).
+    return each image's damage in [0, 1]: 1 - the product of (1 - strength) over its ops (0 = untouched), the ops of
+    family cfg.soft_spare left out.
 
     The ops mirror the pseudo-private suite's noise, colour, compression and occlusion families, its zoom with
     cfg.corrupt_zoom and its Gaussian blur with cfg.corrupt_blur. Shot noise and motion/defocus blur stay out, and
@@ -650,7 +651,8 @@ def corrupt_and_damage(images: tf.Tensor, cfg: Config) -> tuple[tf.Tensor, tf.Te
         picked = tf.gather_nd(images, rows)
         strength = tf.random.uniform([tf.shape(rows)[0], 1, 1, 1]) * cfg.corrupt_strength
         images = tf.tensor_scatter_nd_update(images, rows, tf.clip_by_value(op(picked, strength), 0.0, 255.0))
-        intact *= 1.0 - tf.scatter_nd(rows, tf.minimum(strength[:, 0, 0, 0], 1.0), [batch])
+        if OP_FAMILY[op_name(op)] != cfg.soft_spare:
+            intact *= 1.0 - tf.scatter_nd(rows, tf.minimum(strength[:, 0, 0, 0], 1.0), [batch])
     return images, 1.0 - intact
 
 

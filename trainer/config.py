@@ -18,6 +18,8 @@ GROUPS = (RUN, LOADING, SPLIT, GEOMETRY, TRANSFORMS, MODEL, TRAINING, EVALUATION
 # The corruption families of both suites: trainer/corrupt.py's six, and microscopy, which only trainer/heldout.py
 # has. heldout.FAMILIES follows this order; --drop-family takes one of them.
 CORRUPTION_FAMILIES = ("noise", "blur", "colour", "geometry", "compression", "occlusion", "microscopy")
+# The families the corruption stage has ops of (trainer/augment.py's OP_FAMILY; a test keeps the two alike).
+STAGE_FAMILIES = ("noise", "blur", "colour", "geometry", "compression", "occlusion")
 
 
 def option(default, help: str, group: str, *, choices=None, low=None, high=None, resume: bool = False,
@@ -122,6 +124,10 @@ class Config:
                                  "of (1 - strength) over the image's corruption-stage ops (Soft Augmentation, Liu et "
                                  "al., CVPR 2023); 0 = hard labels", TRANSFORMS, low=0.0, high=0.875, off=0.0,
                                  needs="corrupt")
+    soft_spare: str = option("", "a corruption family whose corruption-stage ops leave the label hard: their strength "
+                             "counts as no damage, so a cell blurred by the strong blur (blur) still teaches its "
+                             "class at full confidence; empty = every op softens", TRANSFORMS,
+                             choices=("",) + STAGE_FAMILIES, off="", needs="soft_corrupt")
     pixmix: float = option(0.0, "chance an image is blended with a random structured picture, added or multiplied "
                            "in (after PixMix, Hendrycks et al., CVPR 2022; our pictures are 1/f textures with no "
                            "ramp across the crop, not their fractals); 0 = off", TRANSFORMS, low=0.0, high=1.0,
@@ -370,6 +376,9 @@ def validate(cfg: Config, given=()) -> list[str]:
             if f.name == "drop_family":
                 raise ValueError(f"--drop-family is {value!r}; choose one of {', '.join(CORRUPTION_FAMILIES)}, or "
                                  "leave it empty to train on every family")
+            if f.name == "soft_spare":
+                raise ValueError(f"--soft-spare is {value!r}; choose one of {', '.join(STAGE_FAMILIES)}, or "
+                                 "leave it empty to soften the labels after every corruption-stage op")
             if f.name == "first_block_convs":
                 raise ValueError(f"first_block_convs is {value}; use 2 (the full block) or 1 (one convolution "
                                  "less at 48x48, about 1.2x faster epochs: the cpu profile's choice)")
