@@ -643,15 +643,16 @@ def corrupt_and_damage(images: tf.Tensor, cfg: Config) -> tuple[tf.Tensor, tf.Te
     picks = draw_ops(batch, cfg)
     intact = tf.ones([batch])
     for j, op in enumerate(_corruption_slots(cfg)):
+        family = OP_FAMILY[op_name(op)]
         # A dropped family's op keeps its slot and does nothing there, so every other op is picked as often as
         # without the drop: leaving a family out changes only what that family's ops did.
-        if OP_FAMILY[op_name(op)] == cfg.drop_family:
+        if family == cfg.drop_family:
             continue
         rows = tf.where(picks[:, j])  # (m, 1): only these images pay for the op
         picked = tf.gather_nd(images, rows)
         strength = tf.random.uniform([tf.shape(rows)[0], 1, 1, 1]) * cfg.corrupt_strength
         images = tf.tensor_scatter_nd_update(images, rows, tf.clip_by_value(op(picked, strength), 0.0, 255.0))
-        if OP_FAMILY[op_name(op)] != cfg.soft_spare:
+        if family != cfg.soft_spare:
             intact *= 1.0 - tf.scatter_nd(rows, tf.minimum(strength[:, 0, 0, 0], 1.0), [batch])
     return images, 1.0 - intact
 
