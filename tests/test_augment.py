@@ -156,6 +156,29 @@ def test_train_dataset_batches(real_slice):
     assert float(tf.reduce_min(x)) >= 0 and float(tf.reduce_max(x)) <= 255
 
 
+def first_batches(images, labels, seed: int, n: int = 3, **settings) -> list[np.ndarray]:
+    cfg = make_config("cpu", seed=seed, batch_size=16, **settings)
+    return [x.numpy() for x, _ in augment.train_dataset(images, labels, cfg).take(n)]
+
+
+def test_a_seed_repeats_the_augmentation(real_slice):
+    """tf.data maps batches in parallel threads; the draws must not depend on which thread runs first."""
+    images, labels = real_slice[0][:64], real_slice[1][:64]
+    every_stage = dict(mixup_alpha=0.2, cutmix_alpha=1.0, pixmix=0.3, apr=0.3, randconv=0.3,
+                       patch_gaussian=0.5, corrupt_jpeg=True, corrupt_blur=2.5, corrupt_zoom=0.6)
+    first, again, other = (first_batches(images, labels, seed, **every_stage) for seed in (42, 42, 7))
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    assert all(changed_share(a, b) > 0.5 for a, b in zip(first, other))
+
+
+def test_each_batch_draws_afresh(real_slice):
+    """One cell in every slot: a batch's draws must differ from the batch before's, slot by slot."""
+    images = np.repeat(real_slice[0][:1], 64, axis=0)
+    batches = first_batches(images, real_slice[1][:64], 42)
+    assert all(changed_share(a, b) > 0.9 for a, b in zip(batches, batches[1:]))
+
+
 def test_train_dataset_shrinks_batches_while_its_size_is_low(real_slice):
     """Low-resolution training: batches come out at the size variable's value, read as they are made; at 96 they
     are the images untouched."""

@@ -1,6 +1,7 @@
 """tf.data input pipelines: geometry, RandAugment, AugMix, colour, blur, erasing, PixMix, corruptions, MixUp."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -13,6 +14,55 @@ from .corrupt import HUE_LUMA, HUE_SIN
 from .data import NUM_CLASSES
 
 AUTOTUNE = tf.data.AUTOTUNE
+
+
+class Draws:
+    """Where the augmentation's random numbers come from: TensorFlow's stateful ops, or stateless ones in `seeded`.
+
+    tf.data's parallel map runs batches in threads that draw from one stateful generator in whatever order they
+    reach it, so two runs with one seed would augment differently. Inside `seeded(key)`, each op instead draws
+    from the key folded with its place in the traced graph: a batch's augmentation depends on its key alone.
+    """
+
+    def __init__(self):
+        self.key, self.count = None, 0
+
+    @contextlib.contextmanager
+    def seeded(self, key: tf.Tensor):
+        """Draw from key (shape [2], int) while tracing or running the block; stateful ops again after it."""
+        self.key, self.count = key, 0
+        try:
+            yield
+        finally:
+            self.key = None
+
+    def _next_key(self) -> tf.Tensor:
+        self.count += 1  # counted as ops are traced: each op of the graph gets a key of its own
+        return tf.random.experimental.stateless_fold_in(self.key, self.count)
+
+    def uniform(self, shape, minval=0.0, maxval=1.0, dtype=tf.float32) -> tf.Tensor:
+        if self.key is None:
+            return tf.random.uniform(shape, minval, maxval, dtype)
+        return tf.random.stateless_uniform(shape, self._next_key(), minval, maxval, dtype)
+
+    def normal(self, shape) -> tf.Tensor:
+        if self.key is None:
+            return tf.random.normal(shape)
+        return tf.random.stateless_normal(shape, self._next_key())
+
+    def gamma(self, shape, alpha) -> tf.Tensor:
+        if self.key is None:
+            return tf.random.gamma(shape, alpha)
+        return tf.random.stateless_gamma(shape, self._next_key(), alpha)
+
+    def shuffle(self, values: tf.Tensor) -> tf.Tensor:
+        """values in random order along the first axis."""
+        if self.key is None:
+            return tf.random.shuffle(values)
+        return tf.gather(values, tf.argsort(self.uniform(tf.shape(values)[:1])))
+
+
+draws = Draws()
 
 
 def affine_warp(images: tf.Tensor, a00, a01, a10, a11, dx, dy, fill_mode: str) -> tf.Tensor:
@@ -29,7 +79,7 @@ def affine_warp(images: tf.Tensor, a00, a01, a10, a11, dx, dy, fill_mode: str) -
     return warped
 
 
-def geometry(images: tf.Tensor, cfg: Config, seed: tf.Tensor | None = None) -> tf.Tensor:
+def geometry(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     """Stage 1 on a float batch: flips and 90-degree turns, rotation, zoom, shear and shift, as one affine warp.
 
     Blood cells have no orientation, so every symmetry of the square is a free, label-preserving view. The
@@ -39,17 +89,17 @@ def geometry(images: tf.Tensor, cfg: Config, seed: tf.Tensor | None = None) -> t
     size = tf.cast(tf.shape(images)[1], tf.float32)
     if not (cfg.flip or cfg.rot90) and cfg.rotation <= 0 and cfg.zoom <= 0 and cfg.shift <= 0 and cfg.shear <= 0:
         return images
-    angle = tf.random.uniform([batch], -1.0, 1.0) * cfg.rotation * 2 * math.pi
-    scale = tf.exp(tf.random.uniform([batch], -1.0, 1.0) * math.log1p(cfg.zoom))  # zoom in and out alike
-    shear = tf.random.uniform([batch], -1.0, 1.0) * cfg.shear
-    dx = tf.random.uniform([batch], -1.0, 1.0) * cfg.shift * size
-    dy = tf.random.uniform([batch], -1.0, 1.0) * cfg.shift * size
+    angle = draws.uniform([batch], -1.0, 1.0) * cfg.rotation * 2 * math.pi
+    scale = tf.exp(draws.uniform([batch], -1.0, 1.0) * math.log1p(cfg.zoom))  # zoom in and out alike
+    shear = draws.uniform([batch], -1.0, 1.0) * cfg.shear
+    dx = draws.uniform([batch], -1.0, 1.0) * cfg.shift * size
+    dy = draws.uniform([batch], -1.0, 1.0) * cfg.shift * size
     # A = rotation @ shear / scale, acting on (x, y) = (column, row).
     cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale
     a00, a01, a10, a11 = cos, cos * shear - sin, sin, sin * shear + cos
 
     def coin():
-        return tf.random.uniform([batch]) < 0.5
+        return draws.uniform([batch]) < 0.5
 
     # A symmetry D of the square, then the warp: the image is sampled at D (A (p - c) + d) + c. D is a transpose,
     # then a sign on y, then one on x: rot90 draws the 4 turns (a transpose with exactly one flip, or a half turn
@@ -73,12 +123,12 @@ def geometry(images: tf.Tensor, cfg: Config, seed: tf.Tensor | None = None) -> t
     if cfg.black_fill <= 0:
         return warp("REFLECT")
     # Scanners and test-set makers pad with black; a share of batches learns that border too.
-    return tf.cond(tf.random.uniform([]) < cfg.black_fill, lambda: warp("CONSTANT"), lambda: warp("REFLECT"))
+    return tf.cond(draws.uniform([]) < cfg.black_fill, lambda: warp("CONSTANT"), lambda: warp("REFLECT"))
 
 
 def per_image(images: tf.Tensor, low=0.0, high=1.0) -> tf.Tensor:
     """One uniform draw in [low, high) per image of the batch, shaped (batch, 1, 1, 1) to broadcast over pixels."""
-    return tf.random.uniform([tf.shape(images)[0], 1, 1, 1], low, high)
+    return draws.uniform([tf.shape(images)[0], 1, 1, 1], low, high)
 
 
 def colour(images: tf.Tensor, cfg: Config) -> tf.Tensor:
@@ -95,11 +145,11 @@ def colour(images: tf.Tensor, cfg: Config) -> tf.Tensor:
         images = grey + (images - grey) * keep
     if cfg.hue > 0:
         images = tf.clip_by_value(images, 0, 255) / 255.0
-        delta = tf.random.uniform([batch], -cfg.hue, cfg.hue)
+        delta = draws.uniform([batch], -cfg.hue, cfg.hue)
         images = tf.map_fn(lambda a: tf.image.adjust_hue(a[0], a[1]), (images, delta),
                            fn_output_signature=tf.float32) * 255.0
     if cfg.noise_std > 0:
-        images = images + tf.random.normal(tf.shape(images)) * per_image(images, 0.0, cfg.noise_std)
+        images = images + draws.normal(tf.shape(images)) * per_image(images, 0.0, cfg.noise_std)
     return tf.clip_by_value(images, 0.0, 255.0)
 
 
@@ -145,7 +195,7 @@ def _blot(shape, top, left, side_h, side_w) -> tf.Tensor:
     half_w = tf.cast(side_w, tf.float32)[:, None, None] / 2 + 0.5
     dy = (rows + 0.5 - tf.cast(top, tf.float32)[:, None, None] - half_h) / half_h
     dx = (cols + 0.5 - tf.cast(left, tf.float32)[:, None, None] - half_w) / half_w
-    noise = sum(tf.image.resize(tf.random.uniform([batch, grid, grid, 1], -0.5, 0.5), [h, w], "bilinear")[..., 0]
+    noise = sum(tf.image.resize(draws.uniform([batch, grid, grid, 1], -0.5, 0.5), [h, w], "bilinear")[..., 0]
                 for grid in BLOT_GRIDS)
     return (1.0 - (dy ** 2 + dx ** 2)) + noise > 0.25
 
@@ -157,26 +207,26 @@ def erase(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     shape = tf.shape(images)
     batch, h, w = shape[0], shape[1], shape[2]
     hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
-    side_h = tf.cast(tf.random.uniform([batch], 0.1, 0.3) * hf, tf.int32)
-    side_w = tf.cast(tf.random.uniform([batch], 0.1, 0.3) * wf, tf.int32)
-    top = tf.cast(tf.random.uniform([batch]) * tf.cast(h - side_h, tf.float32), tf.int32)
-    left = tf.cast(tf.random.uniform([batch]) * tf.cast(w - side_w, tf.float32), tf.int32)
+    side_h = tf.cast(draws.uniform([batch], 0.1, 0.3) * hf, tf.int32)
+    side_w = tf.cast(draws.uniform([batch], 0.1, 0.3) * wf, tf.int32)
+    top = tf.cast(draws.uniform([batch]) * tf.cast(h - side_h, tf.float32), tf.int32)
+    left = tf.cast(draws.uniform([batch]) * tf.cast(w - side_w, tf.float32), tf.int32)
     rows = tf.range(h)[None, :, None]
     cols = tf.range(w)[None, None, :]
     inside = ((rows >= top[:, None, None]) & (rows < (top + side_h)[:, None, None]) &
               (cols >= left[:, None, None]) & (cols < (left + side_w)[:, None, None]))
     if cfg.erase_shape == "blot":
         inside = inside & _blot(shape, top, left, side_h, side_w)
-    chosen = tf.random.uniform([batch, 1, 1]) < cfg.erase
+    chosen = draws.uniform([batch, 1, 1]) < cfg.erase
     mask = tf.cast(inside & chosen, tf.float32)[..., None]
     if cfg.erase_opacity < 1.0:  # a translucent patch: occlusion the cell shows through, as glare or a film would
         mask *= per_image(images, cfg.erase_opacity, 1.0)
-    flat = tf.random.uniform([batch, 1, 1, 3], 0, 255)
+    flat = draws.uniform([batch, 1, 1, 3], 0, 255)
     if cfg.erase_fill == "extremes":
-        pick = tf.random.uniform([batch, 1, 1, 1], 0, 3, tf.int32)  # 0: any colour, 1: black, 2: white
+        pick = draws.uniform([batch, 1, 1, 1], 0, 3, tf.int32)  # 0: any colour, 1: black, 2: white
         flat = tf.where(pick == 1, 0.0, tf.where(pick == 2, 255.0, flat))
     use_noise = per_image(images) < 0.5
-    fill = tf.where(use_noise, tf.random.uniform(shape, 0, 255), flat + tf.zeros_like(images))
+    fill = tf.where(use_noise, draws.uniform(shape, 0, 255), flat + tf.zeros_like(images))
     return images * (1 - mask) + fill * mask
 
 
@@ -196,12 +246,12 @@ def structured_pictures(n, size: int) -> tf.Tensor:
     fy = tf.abs(tf.signal.fftshift(tf.range(half, dtype=tf.float32) - half // 2))  # |frequency|, cycles per crop
     fx = tf.range(half // 2 + 1, dtype=tf.float32)
     radius = tf.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2)
-    slope = tf.random.uniform([n, 1, 1, 1], *PIXMIX_SLOPES)
+    slope = draws.uniform([n, 1, 1, 1], *PIXMIX_SLOPES)
     gain = tf.where(radius >= PIXMIX_LOWEST_CYCLES, tf.maximum(radius, 1.0) ** -slope, 0.0)  # (n, 1, half, half/2)
     shape = [n, 4, half, half // 2 + 1]  # three colour fields and one grey field per picture
-    spectrum = tf.complex(tf.random.normal(shape) * gain, tf.random.normal(shape) * gain)
+    spectrum = tf.complex(draws.normal(shape) * gain, draws.normal(shape) * gain)
     fields = tf.transpose(tf.signal.irfft2d(spectrum, [half, half]), [0, 2, 3, 1])  # (n, half, half, 4)
-    grey = tf.random.uniform([n, 1, 1, 1])  # how much of the picture is one field in all three channels
+    grey = draws.uniform([n, 1, 1, 1])  # how much of the picture is one field in all three channels
     pictures = grey * fields[..., 3:] + (1 - grey) * fields[..., :3]
     mean, variance = tf.nn.moments(pictures, axes=[1, 2, 3], keepdims=True)
     # Two standard deviations either side fill [0, 1]: a min-max stretch would leave most pixels near mid-grey.
@@ -212,7 +262,7 @@ def structured_pictures(n, size: int) -> tf.Tensor:
 def on_a_share(images: tf.Tensor, chance: float, transform) -> tf.Tensor:
     """transform(picked) in place of each image picked with this chance, clipped to 0-255; the rest untouched.
     Only the picked images pay for the transform."""
-    rows = tf.where(tf.random.uniform([tf.shape(images)[0]]) < chance)  # (m, 1)
+    rows = tf.where(draws.uniform([tf.shape(images)[0]]) < chance)  # (m, 1)
     changed = transform(tf.gather_nd(images, rows))
     return tf.tensor_scatter_nd_update(images, rows, tf.clip_by_value(changed, 0.0, 255.0))
 
@@ -223,11 +273,11 @@ def pixmix(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     def blend(picked):
         m = tf.shape(picked)[0]
         pictures = structured_pictures(m, images.shape[1] or tf.shape(images)[1])
-        weight = tf.random.uniform([m, 1, 1, 1], 0.0, cfg.pixmix_weight)
+        weight = draws.uniform([m, 1, 1, 1], 0.0, cfg.pixmix_weight)
         added = picked * (1 - weight) + 255.0 * pictures * weight
         unit = tf.clip_by_value(picked / 255.0, 1e-3, 1.0)
         multiplied = 255.0 * unit ** (1 - weight) * tf.maximum(pictures, 1e-3) ** weight
-        return tf.where(tf.random.uniform([m, 1, 1, 1]) < 0.5, multiplied, added)
+        return tf.where(draws.uniform([m, 1, 1, 1]) < 0.5, multiplied, added)
     return on_a_share(images, cfg.pixmix, blend)
 
 
@@ -245,17 +295,17 @@ def veil(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     def lay(picked):
         shape = tf.shape(picked)
         m, h, w = shape[0], shape[1], shape[2]
-        field = sum(tf.image.resize(tf.random.uniform([m, grid, grid, 1], -0.5, 0.5), [h, w], "bilinear")
+        field = sum(tf.image.resize(draws.uniform([m, grid, grid, 1], -0.5, 0.5), [h, w], "bilinear")
                     for grid in VEIL_GRIDS)
         # the threshold that leaves the drawn share of each image's pixels above it
         ranked = tf.sort(tf.reshape(field, [m, -1]), axis=1, direction="DESCENDING")
-        cover = tf.random.uniform([m], *VEIL_COVER)
+        cover = draws.uniform([m], *VEIL_COVER)
         at = tf.cast(cover * tf.cast(h * w, tf.float32), tf.int32)
         threshold = tf.gather(ranked, at, axis=1, batch_dims=1)[:, None, None, None]
-        softness = tf.random.uniform([m, 1, 1, 1], 0.005, 0.1)  # in units of the field: a sharp rim to a haze
+        softness = draws.uniform([m, 1, 1, 1], 0.005, 0.1)  # in units of the field: a sharp rim to a haze
         mask = tf.clip_by_value((field - threshold) / softness, 0.0, 1.0)
-        opacity = tf.random.uniform([m, 1, 1, 1], 0.0, cfg.veil_opacity)
-        tone = tf.random.uniform([m, 1, 1, 1], *VEIL_TONE) + tf.random.uniform([m, 1, 1, 3], -10.0, 10.0)
+        opacity = draws.uniform([m, 1, 1, 1], 0.0, cfg.veil_opacity)
+        tone = draws.uniform([m, 1, 1, 1], *VEIL_TONE) + draws.uniform([m, 1, 1, 3], -10.0, 10.0)
         return picked + (tone - picked) * mask * opacity
     return on_a_share(images, cfg.veil, lay)
 
@@ -274,7 +324,7 @@ def patch_gaussian(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     pixels = tf.range(size) + 0.5
     inside = ((tf.abs(pixels[None, :, None, None] - centre_y) < half)
               & (tf.abs(pixels[None, None, :, None] - centre_x) < half))
-    noise = tf.random.normal(tf.shape(images)) * per_image(images, 0.0, cfg.patch_gaussian)
+    noise = draws.normal(tf.shape(images)) * per_image(images, 0.0, cfg.patch_gaussian)
     return tf.clip_by_value(images + tf.where(inside, noise, 0.0), 0.0, 255.0)
 
 
@@ -291,7 +341,7 @@ def apr(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     def recombine(picked):
         spectrum = tf.signal.fft2d(tf.complex(tf.transpose(picked, [0, 3, 1, 2]), 0.0))  # (m, 3, h, w)
         own = tf.abs(spectrum)
-        partners = tf.gather(own, tf.random.shuffle(tf.range(tf.shape(picked)[0])))  # a partner's, no second FFT
+        partners = tf.gather(own, draws.shuffle(tf.range(tf.shape(picked)[0])))  # a partner's, no second FFT
         h, w = tf.shape(spectrum)[2], tf.shape(spectrum)[3]
         dc = tf.pad(tf.ones([1, 1], tf.bool), [[0, h - 1], [0, w - 1]])  # the zero frequency sits at [0, 0]
         amplitude = tf.where(dc, own, partners)
@@ -317,17 +367,17 @@ def randconv(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     def filter_and_blend(picked):
         big = max(RANDCONV_SIZES)
         size = tf.gather(tf.constant(RANDCONV_SIZES, tf.float32),
-                         tf.random.uniform([], 0, len(RANDCONV_SIZES), tf.int32))
+                         draws.uniform([], 0, len(RANDCONV_SIZES), tf.int32))
         inside = tf.cast(tf.abs(tf.range(big, dtype=tf.float32) - big // 2) <= (size - 1) / 2, tf.float32)
         support = (inside[:, None] * inside[None, :])[:, :, None, None]  # the centred size x size square of 7 x 7
-        kernel = tf.random.normal([big, big, 3, 3]) * support / tf.sqrt(size * size * 3.0)
+        kernel = draws.normal([big, big, 3, 3]) * support / tf.sqrt(size * size * 3.0)
         pad = big // 2
         filtered = tf.nn.conv2d(tf.pad(picked, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT"), kernel,
                                 1, "VALID")
         mean, variance = tf.nn.moments(picked, axes=[1, 2, 3], keepdims=True)
         f_mean, f_variance = tf.nn.moments(filtered, axes=[1, 2, 3], keepdims=True)
         filtered = mean + (filtered - f_mean) * tf.sqrt(variance / (f_variance + 1e-6))
-        keep = tf.random.uniform([tf.shape(picked)[0], 1, 1, 1])
+        keep = draws.uniform([tf.shape(picked)[0], 1, 1, 1])
         return keep * picked + (1 - keep) * filtered
     return on_a_share(images, cfg.randconv, filter_and_blend)
 
@@ -381,7 +431,7 @@ def _augmix_step(x, op):
     """One op of a chain on every image: op[i] indexes AUGMIX_OPS, -1 leaves image i as it is (a shorter chain).
     Each image pays for its own op only."""
     batch = tf.shape(x)[0]
-    level = tf.random.uniform([batch], 0.01, AUGMIX_SEVERITY) * tf.where(tf.random.uniform([batch]) < 0.5, -1.0, 1.0)
+    level = draws.uniform([batch], 0.01, AUGMIX_SEVERITY) * tf.where(draws.uniform([batch]) < 0.5, -1.0, 1.0)
     groups = ((lambda x, op, level: _autocontrast(x), op == AUGMIX_OPS.index("autocontrast")),
               (lambda x, op, level: _equalize(x), op == AUGMIX_OPS.index("equalize")),
               (lambda x, op, level: _solarize(x, level), op == AUGMIX_OPS.index("solarize")),
@@ -401,17 +451,17 @@ def augmix(images: tf.Tensor, cfg: Config) -> tf.Tensor:
     kind of image that no single op makes; shifted copies blended together look a little like a ghosted blur."""
     def mixed(picked):
         m = tf.shape(picked)[0]
-        weights = tf.random.gamma([AUGMIX_WIDTH, m], 1.0)
+        weights = draws.gamma([AUGMIX_WIDTH, m], 1.0)
         weights = weights / tf.reduce_sum(weights, axis=0, keepdims=True)
         total = tf.zeros_like(picked)
         for chain in range(AUGMIX_WIDTH):
-            depth = tf.random.uniform([m], 1, AUGMIX_DEPTH + 1, tf.int32)
+            depth = draws.uniform([m], 1, AUGMIX_DEPTH + 1, tf.int32)
             x = picked
             for step in range(AUGMIX_DEPTH):
-                op = tf.random.uniform([m], 0, len(AUGMIX_OPS), tf.int32)
+                op = draws.uniform([m], 0, len(AUGMIX_OPS), tf.int32)
                 x = tf.clip_by_value(_augmix_step(x, tf.where(step < depth, op, -1)), 0.0, 255.0)
             total += weights[chain][:, None, None, None] * x
-        keep = tf.random.uniform([m, 1, 1, 1])
+        keep = draws.uniform([m, 1, 1, 1])
         return keep * picked + (1 - keep) * total
     return on_a_share(images, cfg.augmix, mixed)
 
@@ -422,17 +472,17 @@ def augmix(images: tf.Tensor, cfg: Config) -> tf.Tensor:
 # left, a full channel swap) rather than turn into another corruption or an invalid setting.
 
 def _gaussian_noise(x, s):
-    return x + tf.random.normal(tf.shape(x)) * s * 52.0
+    return x + draws.normal(tf.shape(x)) * s * 52.0
 
 
 def _salt_pepper(x, s):
-    hit = tf.random.uniform(tf.shape(x)[:3])[..., None] < s * 0.15
-    white = tf.random.uniform(tf.shape(x)[:3])[..., None] < 0.5
+    hit = draws.uniform(tf.shape(x)[:3])[..., None] < s * 0.15
+    white = draws.uniform(tf.shape(x)[:3])[..., None] < 0.5
     return tf.where(hit, tf.where(white, 255.0, 0.0), x)
 
 
 def _sign(x):
-    return tf.where(tf.random.uniform([tf.shape(x)[0], 1, 1, 1]) < 0.5, -1.0, 1.0)
+    return tf.where(draws.uniform([tf.shape(x)[0], 1, 1, 1]) < 0.5, -1.0, 1.0)
 
 
 def _brightness(x, s):
@@ -470,7 +520,7 @@ CHANNEL_ORDERS = ((0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
 
 
 def _channel_swap(x, s):
-    orders = tf.gather(tf.constant(CHANNEL_ORDERS), tf.random.uniform([tf.shape(x)[0]], 0, 5, tf.int32))
+    orders = tf.gather(tf.constant(CHANNEL_ORDERS), draws.uniform([tf.shape(x)[0]], 0, 5, tf.int32))
     swapped = tf.gather(x, orders, axis=3, batch_dims=1)
     return x + (swapped - x) * tf.minimum(s, 1.0)
 
@@ -478,7 +528,7 @@ def _channel_swap(x, s):
 def _pixelate(x, s):
     """Down to 25-100% of the side and back with nearest neighbour; one size per batch (resize is batch-wide)."""
     size = tf.shape(x)[1:3]
-    fraction = 1.0 - 0.75 * tf.random.uniform([])
+    fraction = 1.0 - 0.75 * draws.uniform([])
     small = tf.maximum(1, tf.cast(tf.cast(size, tf.float32) * fraction, tf.int32))
     low = tf.image.resize(x, small, method="area")
     return tf.image.resize(low, size, method="nearest")
@@ -488,13 +538,13 @@ def _grid_mask(x, s):
     """Square holes on a regular grid (random period and offset), black or one flat colour."""
     shape = tf.shape(x)
     batch = shape[0]
-    period = tf.random.uniform([batch, 1, 1], 12, 33, tf.int32)
+    period = draws.uniform([batch, 1, 1], 12, 33, tf.int32)
     hole = tf.maximum(1, tf.cast(tf.cast(period, tf.float32) * tf.sqrt(s[:, :, :, 0] * 0.36), tf.int32))
-    oy = tf.random.uniform([batch, 1, 1], 0, 32, tf.int32)
-    ox = tf.random.uniform([batch, 1, 1], 0, 32, tf.int32)
+    oy = draws.uniform([batch, 1, 1], 0, 32, tf.int32)
+    ox = draws.uniform([batch, 1, 1], 0, 32, tf.int32)
     rows, cols = tf.range(shape[1])[None, :, None], tf.range(shape[2])[None, None, :]
     hidden = tf.cast(((rows + oy) % period < hole) & ((cols + ox) % period < hole), tf.float32)[..., None]
-    fill = tf.where(per_image(x) < 0.5, 0.0, tf.random.uniform([batch, 1, 1, 3], 0, 255))
+    fill = tf.where(per_image(x) < 0.5, 0.0, draws.uniform([batch, 1, 1, 3], 0, 255))
     return x * (1 - hidden) + fill * hidden
 
 
@@ -506,14 +556,14 @@ def _patches(x, s):
     rows, cols = tf.range(h)[None, :, None], tf.range(w)[None, None, :]
     out = x
     for k in range(5):
-        side = tf.cast(tf.random.uniform([batch], 0.1, 0.3) * tf.cast(h, tf.float32), tf.int32)
-        top = tf.random.uniform([batch], 0, 1) * tf.cast(h - side, tf.float32)
-        left = tf.random.uniform([batch], 0, 1) * tf.cast(w - side, tf.float32)
+        side = tf.cast(draws.uniform([batch], 0.1, 0.3) * tf.cast(h, tf.float32), tf.int32)
+        top = draws.uniform([batch], 0, 1) * tf.cast(h - side, tf.float32)
+        left = draws.uniform([batch], 0, 1) * tf.cast(w - side, tf.float32)
         top, left = tf.cast(top, tf.int32)[:, None, None], tf.cast(left, tf.int32)[:, None, None]
         inside = ((rows >= top) & (rows < top + side[:, None, None]) &
                   (cols >= left) & (cols < left + side[:, None, None]) & (float(k) < count)[:, None, None])
         box = tf.cast(inside, tf.float32)[..., None]
-        out = out * (1 - box) + tf.random.uniform([batch, 1, 1, 3], 0, 255) * box
+        out = out * (1 - box) + draws.uniform([batch, 1, 1, 3], 0, 255) * box
     return out
 
 
@@ -619,9 +669,9 @@ def draw_ops(batch: tf.Tensor, cfg: Config) -> tf.Tensor:
     """(batch, slots) bool: the corruption-stage ops each image gets, slots as in _corruption_slots. With chance
     cfg.corrupt an image gets 1 to cfg.corrupt_ops distinct ones, weighted as _slot_weights says."""
     weights = _slot_weights(cfg)
-    chosen = tf.random.uniform([batch]) < cfg.corrupt
-    k = tf.random.uniform([batch], 1, cfg.corrupt_ops + 1, tf.int32)
-    scores = tf.random.uniform([batch, len(weights)])
+    chosen = draws.uniform([batch]) < cfg.corrupt
+    k = draws.uniform([batch], 1, cfg.corrupt_ops + 1, tf.int32)
+    scores = draws.uniform([batch, len(weights)])
     if any(w != 1.0 for w in weights):
         # Weighted draw without replacement (Efraimidis and Spirakis, 2006): the k highest (1 - u)**(1/w) win,
         # so the k lowest 1 - (1 - u)**(1/w); a weight of 1 leaves a score as it was.
@@ -650,7 +700,7 @@ def corrupt_and_damage(images: tf.Tensor, cfg: Config) -> tuple[tf.Tensor, tf.Te
             continue
         rows = tf.where(picks[:, j])  # (m, 1): only these images pay for the op
         picked = tf.gather_nd(images, rows)
-        strength = tf.random.uniform([tf.shape(rows)[0], 1, 1, 1]) * cfg.corrupt_strength
+        strength = draws.uniform([tf.shape(rows)[0], 1, 1, 1]) * cfg.corrupt_strength
         images = tf.tensor_scatter_nd_update(images, rows, tf.clip_by_value(op(picked, strength), 0.0, 255.0))
         if family != cfg.soft_spare:
             intact *= 1.0 - tf.scatter_nd(rows, tf.minimum(strength[:, 0, 0, 0], 1.0), [batch])
@@ -668,12 +718,12 @@ def soften(labels: tf.Tensor, damage: tf.Tensor, amount: float, power: float = S
 def mix(images: tf.Tensor, labels: tf.Tensor, cfg: Config) -> tuple[tf.Tensor, tf.Tensor]:
     """MixUp and/or CutMix inside a batch (half the batches each when both are on)."""
     batch = tf.shape(images)[0]
-    perm = tf.random.shuffle(tf.range(batch))
+    perm = draws.shuffle(tf.range(batch))
     other_images, other_labels = tf.gather(images, perm), tf.gather(labels, perm)
 
     def beta(alpha):
-        a = tf.random.gamma([batch], alpha)
-        b = tf.random.gamma([batch], alpha)
+        a = draws.gamma([batch], alpha)
+        b = draws.gamma([batch], alpha)
         return a / (a + b)
 
     def mixup():
@@ -686,8 +736,8 @@ def mix(images: tf.Tensor, labels: tf.Tensor, cfg: Config) -> tuple[tf.Tensor, t
         h, w = tf.shape(images)[1], tf.shape(images)[2]
         cut = tf.sqrt(1.0 - lam)
         ch, cw = tf.cast(cut * tf.cast(h, tf.float32), tf.int32), tf.cast(cut * tf.cast(w, tf.float32), tf.int32)
-        cy = tf.random.uniform([batch], 0, h, tf.int32)
-        cx = tf.random.uniform([batch], 0, w, tf.int32)
+        cy = draws.uniform([batch], 0, h, tf.int32)
+        cx = draws.uniform([batch], 0, w, tf.int32)
         rows, cols = tf.range(h)[None, :, None], tf.range(w)[None, None, :]
         box = ((rows >= (cy - ch // 2)[:, None, None]) & (rows < (cy + ch // 2)[:, None, None]) &
                (cols >= (cx - cw // 2)[:, None, None]) & (cols < (cx + cw // 2)[:, None, None]))
@@ -696,7 +746,7 @@ def mix(images: tf.Tensor, labels: tf.Tensor, cfg: Config) -> tuple[tf.Tensor, t
         return images * (1 - box) + other_images * box, labels * (1 - area)[:, None] + other_labels * area[:, None]
 
     if cfg.mixup_alpha > 0 and cfg.cutmix_alpha > 0:
-        mixed, soft = tf.cond(tf.random.uniform([]) < 0.5, mixup, cutmix)
+        mixed, soft = tf.cond(draws.uniform([]) < 0.5, mixup, cutmix)
     else:
         mixed, soft = mixup() if cfg.mixup_alpha > 0 else cutmix()
     return tf.clip_by_value(mixed, 0.0, 255.0), soft  # blending can round a hair past 255
@@ -780,16 +830,17 @@ def train_dataset(images: np.ndarray, labels: np.ndarray, cfg: Config, sample_we
         ds = ds.repeat()
     views = 2 if cfg.consistency > 0 else 1
     per_batch = images_per_step(cfg)
-    ds = ds.batch(per_batch, drop_remainder=len(images) >= per_batch)
+    ds = ds.batch(per_batch, drop_remainder=len(images) >= per_batch).enumerate()
     randaugment = make_randaugment(cfg) if cfg.randaugment else None
 
-    def apply(*batch):
+    def apply(index, batch):
         if views == 2:
             batch = tuple(tf.concat([part, part], axis=0) for part in batch)
-        x, damage = augment_and_damage(tf.cast(batch[0], tf.float32), cfg, randaugment)
-        y = soften(batch[1], damage, cfg.soft_corrupt) if cfg.soft_corrupt > 0 else batch[1]
-        if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
-            x, y = mix(x, y, cfg)
+        with draws.seeded(tf.stack([tf.constant(cfg.seed, tf.int64), index])):  # batch k of a run: one key
+            x, damage = augment_and_damage(tf.cast(batch[0], tf.float32), cfg, randaugment)
+            y = soften(batch[1], damage, cfg.soft_corrupt) if cfg.soft_corrupt > 0 else batch[1]
+            if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
+                x, y = mix(x, y, cfg)
         if size is not None:
             # Augment at full size, so every strength means what it says, then shrink: antialiased, like a
             # lower-resolution camera, and clipped, since rounding can leave 255.00003.
@@ -798,7 +849,9 @@ def train_dataset(images: np.ndarray, labels: np.ndarray, cfg: Config, sample_we
                         lambda: x)
         return (x, y) + tuple(batch[2:])
 
-    return ds.map(apply, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+    # keras-cv's RandAugment draws from its own stateful generator: only a sequential map repeats it.
+    calls = None if randaugment is not None else AUTOTUNE
+    return ds.map(apply, num_parallel_calls=calls).prefetch(AUTOTUNE)
 
 
 def eval_dataset(images: np.ndarray, labels: np.ndarray | None, batch_size: int) -> tf.data.Dataset:
@@ -816,7 +869,8 @@ def augmented_samples(images: np.ndarray, cfg: Config, n: int = 32) -> np.ndarra
     tf.random.set_seed(cfg.seed)
     batch = tf.constant(images[:n], tf.float32)
     randaugment = make_randaugment(cfg) if cfg.randaugment else None
-    out = augment_batch(batch, cfg, randaugment)
+    with draws.seeded(tf.constant([cfg.seed, 0], tf.int64)):
+        out = augment_batch(batch, cfg, randaugment)
     return np.clip(np.rint(out.numpy()), 0, 255).astype(np.uint8)
 
 

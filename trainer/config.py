@@ -40,8 +40,9 @@ class Config:
     runs_dir: str = option("runs", "folder that holds one folder per run", RUN)
     submission_dir: str = option("submission", "where the final model.onnx and settings.json go; empty = no copy",
                                  RUN, resume=True)
-    seed: int = option(42, "seed of the split, the weights and the augmentation's random streams; two runs of "
-                       "one seed still differ, since the parallel augmentation draws in thread order", RUN, low=0)
+    seed: int = option(42, "seed of the split, the starting weights, the shuffle and every augmented batch; two "
+                       "runs of one seed still end apart, since training on CPU does not repeat bit for bit",
+                       RUN, low=0)
     verbose: int = option(-1, "Keras verbosity: 0 silent, 1 bars, 2 a line an epoch; -1 = bars on a terminal",
                           RUN, low=-1, high=2, resume=True)
 
