@@ -849,7 +849,7 @@ def train_dataset(images: np.ndarray, labels: np.ndarray, cfg: Config, sample_we
                         lambda: x)
         return (x, y) + tuple(batch[2:])
 
-    # keras-cv's RandAugment draws from its own stateful generator: only a sequential map repeats it.
+    # keras-cv's RandAugment draws from its own stateful generator, which parallel threads would read in any order.
     calls = None if randaugment is not None else AUTOTUNE
     return ds.map(apply, num_parallel_calls=calls).prefetch(AUTOTUNE)
 
