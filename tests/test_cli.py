@@ -77,6 +77,24 @@ def test_bad_data_file_creates_no_run_folder(problem, tmp_path):
     assert not (tmp_path / "runs" / "r").exists(), "a run that never started must leave no folder for make runs"
 
 
+def test_one_op_thread_repeats_a_run_bit_for_bit(small_npz, tmp_path):
+    """Two processes, one seed, the cpu profile's model for one epoch with --one-op-thread: the same weights.
+    (Without the flag the two end a few last bits apart on a 2-core CPU: docs/experiments.md, 2026-12-08.)"""
+    import keras
+
+    from trainer import models  # noqa: F401  (registers the custom layers that model.keras names)
+    weights = []
+    for name in ("a", "b"):
+        done = trainer("train", "--profile", "cpu", "--data", small_npz, "--runs-dir", tmp_path / "runs",
+                       "--name", name, "--epochs", 1, "--time-budget-min", 0, "--submission-dir", "",
+                       "--export", "false", "--robustness-images", 0, "--one-op-thread", "true", "--verbose", 0)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert "TensorFlow already started" not in done.stdout, "the setting came too late to take effect"
+        model = keras.models.load_model(tmp_path / "runs" / name / "model.keras", compile=False)
+        weights.append(model.get_weights())
+    assert all(np.array_equal(a, b) for a, b in zip(*weights)), "one seed, one op thread: the runs must repeat"
+
+
 def test_resume_applies_the_flags_that_may_change_and_refuses_the_others(tmp_path):
     from trainer import files
     from trainer.config import make_config

@@ -41,7 +41,8 @@ class Config:
     submission_dir: str = option("submission", "where the final model.onnx and settings.json go; empty = no copy",
                                  RUN, resume=True)
     seed: int = option(42, "seed of the split, the starting weights, the shuffle and every augmented batch; two "
-                       "runs of one seed still end apart, since training on CPU does not repeat bit for bit",
+                       "runs of one seed end apart unless --one-op-thread is on and the epochs are fixed (a time "
+                       "budget ends them where the clock says)",
                        RUN, low=0)
     verbose: int = option(-1, "Keras verbosity: 0 silent, 1 bars, 2 a line an epoch; -1 = bars on a terminal",
                           RUN, low=-1, high=2, resume=True)
@@ -266,6 +267,12 @@ class Config:
     mixed_precision: bool = option(False, "float16 on a GPU, bfloat16 on a CPU with AMX/AVX512-BF16, else off",
                                    TRAINING)
     xla: bool = option(False, "XLA-compile the training step (GPU only)", TRAINING)
+    one_op_thread: bool = option(False, "run TensorFlow's ops one at a time (one inter-op thread; each op still "
+                                 "uses every core): on a CPU a seed then repeats a run of a fixed number of epochs bit "
+                                 "for bit (with several ops at once, gradients differ in their last bits between "
+                                 "runs); takes effect when TensorFlow starts, so for every run of a process from "
+                                 "its first", TRAINING,
+                                 resume=True)
     time_budget_min: float = option(0.0, "stop training (keeping the best weights) after this many minutes, resumes "
                                     "counted; 0 = none", TRAINING, low=0.0, resume=True)
     low_res_size: int = option(0, "vanilla_cnn: train on images downscaled to this size first, then at 96; 0 = off",

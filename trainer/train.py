@@ -54,6 +54,21 @@ def hardware_strategy(cfg: Config):
     return strategy, len(gpus)
 
 
+def one_op_thread(cfg: Config) -> None:
+    """With cfg.one_op_thread, TensorFlow runs one op at a time; logged when it is too late to change (the process
+    ran TensorFlow before this run)."""
+    if not cfg.one_op_thread:
+        return
+    import tensorflow as tf
+    if tf.config.threading.get_inter_op_parallelism_threads() == 1:
+        return
+    try:
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        log("one_op_thread: TensorFlow already started in this process with several op threads; this run keeps "
+            "them and may not repeat bit for bit (run it as a process of its own)")
+
+
 def for_inference(model, cfg: Config):
     """The same weights in a float32 96x96 build, for calibration, evaluation and export.
 
@@ -327,6 +342,7 @@ def train(cfg: Config) -> dict:
 
     started = time.time()
     validate(cfg)
+    one_op_thread(cfg)  # first: TensorFlow reads it when it starts
     # Load and check the data before the run folder exists: a bad file must not leave a run behind.
     images, labels = data.load_npz(cfg.data, resize=cfg.resize)
     out_dir = run_dir_for(cfg)
