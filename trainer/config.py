@@ -271,8 +271,7 @@ class Config:
                                  "uses every core): on a CPU a seed then repeats a run of a fixed number of epochs bit "
                                  "for bit (with several ops at once, gradients differ in their last bits between "
                                  "runs); takes effect when TensorFlow starts, so for every run of a process from "
-                                 "its first", TRAINING,
-                                 resume=True)
+                                 "its first", TRAINING, resume=True)
     time_budget_min: float = option(0.0, "stop training (keeping the best weights) after this many minutes, resumes "
                                     "counted; 0 = none", TRAINING, low=0.0, resume=True)
     low_res_size: int = option(0, "vanilla_cnn: train on images downscaled to this size first, then at 96; 0 = off",
